@@ -1,0 +1,168 @@
+"""The one canonical step format (METHOD §2), used by training, scoring, evaluation and the judge.
+
+A trajectory is laid out as a chat:
+
+    system    = config string (default: DEFAULT_SYSTEM_PROMPT)
+    user      = question
+    assistant = x_0 SEP x_1 SEP ... x_{m-1} SEP      (a separator after *every* step)
+
+and the PRM reads one score at each SEP of the assistant span. Worked example with SEP = "<extra_0>":
+
+    >>> normalize_step("  First,\\n\\n  add 2 and 3. ")
+    'First, add 2 and 3.'
+    >>> assistant_text(["a", "b"], "<extra_0>")
+    'a<extra_0>b<extra_0>'
+
+`encode_trajectory` returns input ids plus the read-out positions; the invariant
+len(readout_positions) == len(labels) (after truncation) is checked on every row.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+DEFAULT_SEP = "<extra_0>"
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+# A whitespace run holding two or more newlines is a paragraph break; inside a step it becomes one space,
+# because SEP's embedding is seeded from "\n\n" and a surviving blank line would look like a separator.
+_BLANK_LINE_RUN = re.compile(r"\s*\n\s*\n\s*")
+
+
+class StepFormatError(ValueError):
+    """A row that cannot be put into the canonical format (the reason is the message)."""
+
+
+def normalize_step(text: str) -> str:
+    """Strip outer whitespace and fold every internal blank-line break into one space."""
+    return _BLANK_LINE_RUN.sub(" ", text.strip())
+
+
+def sanitize(text: str, sep: str) -> tuple[str, int]:
+    """Remove every literal occurrence of the separator string; return (clean text, removals)."""
+    count = text.count(sep)
+    return (text.replace(sep, "") if count else text), count
+
+
+def assistant_text(steps: list[str], sep: str) -> str:
+    return "".join(step + sep for step in steps)
+
+
+def labels_from_first_error(first_error_step: int, num_steps: int) -> list[int]:
+    """METHOD §1: k = -1 -> all ones; k >= 0 -> [1]*k + [0] (steps after k are dropped from the input)."""
+    if not isinstance(first_error_step, int) or isinstance(first_error_step, bool):
+        raise StepFormatError(f"first_error_step must be an int, got {type(first_error_step).__name__}")
+    if first_error_step < -1 or first_error_step >= num_steps:
+        raise StepFormatError(f"first_error_step {first_error_step} out of range for {num_steps} steps")
+    if first_error_step == -1:
+        return [1] * num_steps
+    return [1] * first_error_step + [0]
+
+
+def first_error_from_labels(labels: list[int]) -> int:
+    """Inverse of labels_from_first_error: index of the first 0, or -1."""
+    for i, y in enumerate(labels):
+        if y == 0:
+            return i
+    return -1
+
+
+@dataclass
+class CanonicalRow:
+    question: str
+    steps: list[str]
+    sep_removed: int = 0  # how many literal separators were stripped from question + steps
+
+
+def canonicalize(question: object, steps: object, sep: str) -> CanonicalRow:
+    """Validate types, normalise and sanitise one trajectory. Raises StepFormatError with a specific reason."""
+    if not isinstance(question, str):
+        raise StepFormatError(f"question must be a string, got {type(question).__name__}")
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+        raise StepFormatError(f"steps must be a list of strings, got {type(steps).__name__}")
+    steps = list(steps)
+    if not steps:
+        raise StepFormatError("steps is empty")
+    for i, s in enumerate(steps):
+        if not isinstance(s, str):
+            raise StepFormatError(f"step {i} must be a string, got {type(s).__name__}")
+    question, removed = sanitize(normalize_step(question), sep)
+    clean_steps = []
+    for i, s in enumerate(steps):
+        s, n = sanitize(normalize_step(s), sep)
+        removed += n
+        s = normalize_step(s)
+        if not s:
+            raise StepFormatError(f"step {i} is empty after normalisation")
+        clean_steps.append(s)
+    return CanonicalRow(question=question, steps=clean_steps, sep_removed=removed)
+
+
+def prompt_messages(question: str, system_prompt: str) -> list[dict]:
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+
+
+@dataclass
+class EncodedRow:
+    input_ids: list[int]
+    readout_positions: list[int]  # indices into input_ids of the surviving assistant-span SEPs
+    labels: list[int] | None = None  # cut to len(readout_positions) when given
+    num_steps: int = 0  # steps before truncation
+    truncated: bool = False
+    sep_removed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def encode_trajectory(
+    tokenizer,
+    question: str,
+    steps: list[str],
+    *,
+    sep: str,
+    system_prompt: str,
+    labels: list[int] | None = None,
+    max_length: int | None = None,
+) -> EncodedRow:
+    """Canonicalise, lay out and tokenise one trajectory.
+
+    The prompt part (system + user + generation prompt) and the assistant part are tokenised separately and
+    concatenated, so the boundary is exact and SEPs inside the prompt are never read out (the "skip the
+    first c separators" rule of METHOD §2, applied by construction). With `max_length` the ids are cut on
+    the right and labels keep the prefix that still has a SEP; a row with no surviving SEP returns
+    readout_positions == [].
+    """
+    row = canonicalize(question, steps, sep)
+    if labels is not None and len(labels) > len(row.steps):
+        raise StepFormatError(f"{len(labels)} labels for {len(row.steps)} steps")
+    if labels is not None:
+        # Steps after the first error are dropped from the input (METHOD §1).
+        row.steps = row.steps[: len(labels)]
+    if sep not in tokenizer.get_vocab():
+        raise StepFormatError(f"tokenizer has no separator token {sep!r}; call add_separator_token first")
+    sep_id = tokenizer.convert_tokens_to_ids(sep)
+    prompt = tokenizer.apply_chat_template(
+        prompt_messages(row.question, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(assistant_text(row.steps, sep), add_special_tokens=False)["input_ids"]
+    positions = [len(prompt_ids) + i for i, t in enumerate(answer_ids) if t == sep_id]
+    if len(positions) != len(row.steps):
+        raise StepFormatError(f"{len(positions)} separators encoded for {len(row.steps)} steps")
+    input_ids = prompt_ids + answer_ids
+    truncated = False
+    if max_length is not None and len(input_ids) > max_length:
+        input_ids = input_ids[:max_length]
+        positions = [p for p in positions if p < max_length]
+        truncated = True
+    if labels is not None:
+        labels = list(labels[: len(positions)])
+        assert len(labels) == len(positions), "separator/label invariant broken"
+    return EncodedRow(
+        input_ids=input_ids,
+        readout_positions=positions,
+        labels=labels,
+        num_steps=len(row.steps),
+        truncated=truncated,
+        sep_removed=row.sep_removed,
+    )
