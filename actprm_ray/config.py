@@ -1,0 +1,270 @@
+"""One typed config tree for every job: dataclass defaults <- conf/*.yaml <- `a.b=c` command-line overrides.
+
+OmegaConf's structured mode rejects unknown keys and wrong types and names the key; `validate` then checks
+the semantic rules and reports every problem at once. Each field's comment is its help text (the config
+reference in docs/CONFIG.md is generated from them by scripts/gen_config_doc.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "tiny"  # HF directory of a decoder-only LM, or "tiny" / "tiny:small" to build an offline test backbone
+    n_heads: int = 32  # ensemble size n (METHOD §3)
+    head_hidden: int = 128  # width of each head's two hidden layers
+    init_seed: int = 0  # seed of the explicit head initialisation, recorded in the checkpoint
+    init: str = "normal"  # "normal" (what the original code ran) or "truncated"
+    sep: str = DEFAULT_SEP  # step separator token; added to the tokenizer if missing
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # the one system string used by training, scoring and evaluation
+    dtype: str = "float32"  # backbone dtype: float32 | bfloat16 (heads always run in fp32)
+    max_length: int = 2048  # right truncation for training and loop scoring (no truncation at evaluation)
+    trust_remote_code: bool = False  # run code shipped with a checkpoint; off unless you trust its author
+    gradient_checkpointing: bool = False  # trade compute for memory in the trainer
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager" | "flash_attention_2"
+
+
+@dataclass
+class DataConfig:
+    pool: str = ""  # pool of trajectories (Parquet/JSONL file or directory, any pyarrow URI); "" = synthetic pool
+    synthetic_rows: int = 2000  # size of the synthetic pool when `pool` is ""
+    synthetic_seed: int = 0  # seed of the synthetic pool
+    limit: Optional[int] = None  # read at most this many rows (None = all)
+
+
+@dataclass
+class SelectionConfig:
+    mode: str = "active"  # active (ActPRM) | all (full-data baseline) | random (label-rate baseline) | none
+    delta_pred: float = 0.95  # aleatoric threshold δ_pred; 0.5 disables it (epistemic-only ablation)
+    delta_std: float = 0.005  # epistemic threshold δ_std; .inf disables it (aleatoric-only ablation)
+    step_threshold: float = 0.5  # µ below this marks the predicted first error
+    unbiased_std: bool = False  # σ estimator: population (default) or n-1
+    random_rate: float = 0.5  # selection probability in mode=random (match it to the active arm's label rate)
+    seed: int = 0  # seed of mode=random (per-row hash, so independent of batching)
+    inline: bool = False  # paper's Algorithm 1: select inside the trainer's forward pass, no separate scorer
+    max_staleness: int = 4  # rows scored more than this many versions ago are handled by `stale_policy`
+    stale_policy: str = "train"  # train (label already paid: train and count) | reselect (trainer re-applies §4 with fresh µ/σ)
+
+
+@dataclass
+class LossConfig:
+    bce: str = "pooled"  # pooled (released code) | per_trajectory (paper)
+    regularizer: str = "element_mean"  # element_mean (λ·mean (θ-θ0)²) | per_head_sum ((λ/n)·Σ‖φ-φ0‖²)
+    reg_lambda: float = 0.5  # λ of the anchor regulariser (0 when n_heads == 1)
+    p_keep: float = 1.0  # bootstrap mask: keep each (head, row) pair with this probability
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5  # peak learning rate (linear warm-up then linear decay)
+    warmup_steps: int = 500  # linear warm-up steps
+    total_steps: Optional[int] = None  # LR schedule length; None = estimated from the pool size
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8  # rows per device per forward
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = workers x micro x accum)
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    publish_every: int = 2  # optimizer steps between weight publishes (model_version += 1)
+    publish: str = "full"  # full (backbone + heads) | heads (heads only; for large frozen-ish backbones, see README)
+    checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints
+    max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts from the last checkpoint
+    step_delay_s: float = 0.0  # test hook: sleep after each optimizer step to emulate a slow trainer
+
+
+@dataclass
+class PipelineConfig:
+    score_actors: int = 1  # scorer actor pool size (max; min is 1)
+    score_batch_size: int = 16  # rows per scorer call
+    score_num_cpus: float = 0.25
+    score_num_gpus: float = 0.0
+    label_actors: int = 1  # labeler actor pool size
+    label_batch_size: int = 16
+    label_num_cpus: float = 0.25
+    label_num_gpus: float = 0.0
+    map_num_cpus: float = 0.25  # CPU share of stateless map stages (canonicalise/tokenise); keep < 1 on small machines
+    object_store_limit_mb: int = 100  # Ray Data object-store budget: bounds rows in flight (and so staleness)
+    no_progress_timeout_s: float = 60.0  # turn a resource deadlock into an error instead of a silent hang
+    status_every_s: float = 10.0  # period of the one-line status print
+    max_restarts: int = 2  # actor restarts for scorer/labeler actors
+    max_task_retries: int = 2  # retries of a failed actor call
+
+
+@dataclass
+class JudgeConfig:
+    judge_id: str = ""  # model path / name of the judge, part of the cache key
+    temperature: float = 0.5
+    top_p: float = 0.95
+    max_tokens: int = 8192
+    seed: int = 0
+    guided: bool = False  # constrain the critique to the tag grammar (vLLM structured outputs)
+    strict: bool = False  # treat a conclusion/analysis index mismatch as INVALID
+    max_attempts: int = 1  # judge calls per row before label_failed (each one paid)
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_model_len: int = 16384
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    base_url: str = ""  # HTTP judge: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "ACTPRM_JUDGE_API_KEY"  # HTTP judge: name of the env var holding the key (never the key)
+    qps: float = 4.0
+    timeout_s: float = 600.0
+    max_retries: int = 4
+    backoff_s: float = 1.0
+
+
+@dataclass
+class LabelerConfig:
+    kind: str = "oracle"  # oracle (reveal the pool's labels) | vllm | http
+    cache_path: str = ""  # label cache (SQLite); "" = <run dir>/label_cache.sqlite
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
+class BudgetConfig:
+    max_labels: Optional[int] = None  # hard cap on labels (judge calls that were granted); None = unlimited
+    max_judge_tokens: Optional[int] = None  # hard cap on generated judge tokens
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"  # run name; a second run with the same name resumes
+    output_dir: str = "runs"  # parent of the run directory
+    seed: int = 0
+    local_ray: bool = True  # start a local Ray instance when none is running (the embedded default)
+    ray_num_cpus: Optional[int] = None  # CPUs for that local instance (None = all)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    labeler: LabelerConfig = field(default_factory=LabelerConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_CHOICES = {
+    "model.init": ("normal", "truncated"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "selection.mode": ("active", "all", "random", "none"),
+    "selection.stale_policy": ("train", "reselect"),
+    "loss.bce": ("pooled", "per_trajectory"),
+    "loss.regularizer": ("element_mean", "per_head_sum"),
+    "train.publish": ("full", "heads"),
+    "labeler.kind": ("oracle", "vllm", "http"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Semantic checks OmegaConf cannot express; every problem is reported in one ConfigError."""
+    errors = []
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in choices:
+            errors.append(f"{key}={value!r}: choose one of {', '.join(choices)}")
+    s = cfg.selection
+    if not 0.5 <= s.delta_pred <= 1.0:
+        errors.append(f"selection.delta_pred={s.delta_pred}: must lie in [0.5, 1]")
+    if s.delta_std < 0:
+        errors.append(f"selection.delta_std={s.delta_std}: must be >= 0")
+    if not 0.0 <= s.random_rate <= 1.0:
+        errors.append(f"selection.random_rate={s.random_rate}: must lie in [0, 1]")
+    if cfg.model.n_heads < 1:
+        errors.append(f"model.n_heads={cfg.model.n_heads}: must be >= 1")
+    if cfg.model.max_length < 8:
+        errors.append(f"model.max_length={cfg.model.max_length}: must be >= 8")
+    if not 0.0 < cfg.loss.p_keep <= 1.0:
+        errors.append(f"loss.p_keep={cfg.loss.p_keep}: must lie in (0, 1]")
+    t = cfg.train
+    for name in ("micro_batch_size", "grad_accum", "num_workers", "publish_every", "checkpoint_every"):
+        if getattr(t, name) < 1:
+            errors.append(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.use_gpu and t.gpus_per_worker <= 0:
+        errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
+    if cfg.labeler.kind == "http" and not cfg.labeler.judge.base_url:
+        errors.append("labeler.kind=http needs labeler.judge.base_url")
+    if cfg.labeler.kind in ("vllm", "http") and not cfg.labeler.judge.judge_id:
+        errors.append(f"labeler.kind={cfg.labeler.kind} needs labeler.judge.judge_id (model path or name)")
+    for name in ("max_labels", "max_judge_tokens"):
+        v = getattr(cfg.budget, name)
+        if v is not None and v < 0:
+            errors.append(f"budget.{name}={v}: must be >= 0")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotlist overrides (`selection.delta_pred=0.9`), validated, as a Config object."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like a.b=c, got: {' '.join(bad)}")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        # OmegaConf names the key (full_key) and the reason; keep just that.
+        raise ConfigError(f"invalid config: {getattr(e, 'full_key', '') or '?'}: {str(e).splitlines()[0]}") from None
+    cfg: Config = OmegaConf.to_object(merged)
+    return validate(cfg)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """`[--config FILE] [a.b=c ...]`, the command line of every job."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a file")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("usage: [--config conf/X.yaml] [section.key=value ...]; see docs/CONFIG.md for every key")
+        raise SystemExit(0)
+    return load_config(path, argv)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_resolved(cfg: Config, directory: str | Path) -> Path:
+    """Write the resolved config next to a run's outputs."""
+    path = Path(directory) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path

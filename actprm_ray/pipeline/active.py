@@ -1,0 +1,156 @@
+"""The online active-learning run: build the plan, stream it into the TorchTrainer, write outcomes + summary."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from actprm_ray.config import Config, save_resolved, to_dict
+from actprm_ray.data.pool import read_pool_dataset, read_pool_ids, resolve_pool
+from actprm_ray.pipeline import outcomes as oc
+from actprm_ray.pipeline.plan import build_active_plan
+from actprm_ray.pipeline.ray_env import init_ray
+
+# Paper cost model (METHOD §7): C ≈ 1,920 generated judge tokens per critique.
+TOKENS_PER_CRITIQUE = 1920
+
+
+def prepare_initial_model(cfg: Config, run_dir: Path) -> Path:
+    """Fresh heads on the configured backbone, saved once as the run's version-0 checkpoint."""
+    from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig
+    from actprm_ray.model.tiny import build_tiny_backbone
+
+    init_dir = run_dir / "init"
+    if (init_dir / "config.json").exists():
+        return init_dir
+    m = cfg.model
+    backbone = m.backbone
+    if backbone.startswith("tiny"):
+        size = backbone.split(":", 1)[1] if ":" in backbone else "tiny"
+        backbone = str(build_tiny_backbone(run_dir / f"backbone_{size}", size=size, seed=cfg.run.seed))
+    s = cfg.selection
+    prm_cfg = PRMConfig(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
+                        system_prompt=m.system_prompt, unbiased_std=s.unbiased_std,
+                        thresholds={"delta_pred": s.delta_pred, "delta_std": s.delta_std,
+                                    "step_threshold": s.step_threshold})
+    import torch
+
+    model = EnsemblePRM.from_backbone(backbone, prm_cfg, dtype=getattr(torch, m.dtype),
+                                      trust_remote_code=m.trust_remote_code)
+    return model.save_pretrained(init_dir)
+
+
+class StatusPrinter(threading.Thread):
+    """One line every few seconds: rows scored, selected, labelled, trained, version, labels/s."""
+
+    def __init__(self, coordinator, every_s: float):
+        super().__init__(daemon=True)
+        self.coordinator, self.every_s, self.stop = coordinator, every_s, threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        while not self.stop.wait(self.every_s):
+            try:
+                s = ray.get(self.coordinator.snapshot.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 -- a status line must never kill the run
+                continue
+            rate = s.get("labelled", 0) / max(s["elapsed_s"], 1e-9)
+            print(f"[actprm] {s['elapsed_s']:6.0f}s scored={int(s.get('scored', 0))} selected={int(s.get('selected', 0))} "
+                  f"labelled={int(s.get('labelled', 0))} consumed={s['budget']['consumed']} "
+                  f"steps={int(s.get('trained_steps', 0))} version={s['version']} labels/s={rate:.2f}", flush=True)
+
+
+def run_active(cfg: Config) -> dict:
+    import ray
+
+    from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
+    from actprm_ray.train.trainer import build_trainer
+
+    started = time.time()
+    run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir)
+    if cfg.selection.inline and cfg.labeler.kind != "oracle":
+        raise ValueError("selection.inline=true reveals labels inside the trainer: it needs labeler.kind=oracle")
+    init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
+             object_store_limit_mb=cfg.pipeline.object_store_limit_mb)
+
+    init_dir = prepare_initial_model(cfg, run_dir)
+    pool = resolve_pool(cfg, run_dir)
+    pool_ids = read_pool_ids(pool, cfg.data.limit)
+    previous = oc.read_outcome_parts(run_dir / "outcomes")
+    accounted = frozenset(previous.column("id").to_pylist())
+    labels_before = sum(1 for o in previous.column("outcome").to_pylist() if o in (oc.TRAINED, oc.LABEL_FAILED))
+
+    name = coordinator_name(cfg.run.name)
+    coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(
+        None if cfg.budget.max_labels is None else max(0, cfg.budget.max_labels - labels_before),
+        cfg.budget.max_judge_tokens)
+    plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
+    print(f"[actprm] run dir {run_dir}\n[actprm] plan:\n{plan.describe()}", flush=True)
+    dataset = plan.apply(read_pool_dataset(pool, num_cpus=cfg.pipeline.map_num_cpus, limit=cfg.data.limit))
+
+    status = StatusPrinter(coordinator, cfg.pipeline.status_every_s)
+    status.start()
+    try:
+        result = build_trainer(cfg, run_dir, dataset, name).fit()
+    finally:
+        status.stop.set()
+    snapshot = ray.get(coordinator.snapshot.remote())
+    ray.kill(coordinator)
+
+    table, counts = oc.finalize(oc.read_outcome_parts(run_dir / "outcomes"), pool_ids)
+    pq.write_table(table, run_dir / "outcomes.parquet")
+    summary = summarize(cfg, run_dir, table, counts, snapshot, result, time.time() - started, labels_before)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_before) -> dict:
+    rows = table.to_pylist()
+    lags: Counter = Counter()
+    trainer = {"redelivered": 0, "stale_reselected": 0, "empty_steps": 0}
+    for f in sorted((run_dir / "trainer").glob("rank*.json")):
+        stats = json.loads(f.read_text())
+        lags.update({int(k): v for k, v in stats["lags"].items()})
+        for k in trainer:
+            trainer[k] += stats[k]
+    confident = [r for r in rows if r["outcome"] == oc.CONFIDENT]
+    judged = [r for r in confident if r["pseudo_label_correct"] >= 0]
+    scored = counts[oc.CONFIDENT] + counts[oc.TRAINED] + counts[oc.LABEL_FAILED]
+    labels_used = counts[oc.TRAINED] + counts[oc.LABEL_FAILED]
+    budget = snapshot["budget"]
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    busy = {k[: -len("_busy_s")]: snapshot.get(k, 0.0) for k in ("score_busy_s", "label_busy_s")}
+    return {
+        "run_dir": str(run_dir),
+        "rows_read": len(rows),
+        "outcomes": counts,
+        "identity_holds": sum(counts.values()) == len(rows),
+        "labels_used": labels_used,
+        "labels_used_before_resume": labels_before,
+        "label_rate": labels_used / max(1, len(rows)),
+        "budget": {"max_labels": cfg.budget.max_labels, "max_judge_tokens": cfg.budget.max_judge_tokens,
+                   "granted_this_run": budget["labels"], "judge_prompt_tokens": budget["prompt_tokens"],
+                   "judge_generated_tokens": budget["generated_tokens"],
+                   "cache_hits": sum(1 for r in rows if r["label_cache_hit"]),
+                   "paper_cost_model_tokens": labels_used * TOKENS_PER_CRITIQUE},
+        "trust_pct": 100.0 * counts[oc.CONFIDENT] / max(1, scored),
+        "pseudo_label_accuracy": (sum(r["pseudo_label_correct"] for r in judged) / len(judged)) if judged else None,
+        "model_versions_published": snapshot["version"],
+        "lag_histogram": {str(k): v for k, v in sorted(lags.items())},
+        "trainer": trainer | {"optimizer_steps": int(snapshot.get("trained_steps", 0))},
+        "wall_time_s": wall_s,
+        "stage_busy_s": busy,
+        "stage_rows_per_s": {"score": snapshot.get("scored", 0) / max(busy["score"], 1e-9),
+                             "label": snapshot.get("labelled", 0) / max(busy["label"], 1e-9) if busy["label"] else None,
+                             "end_to_end": len(rows) / max(wall_s, 1e-9)},
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint) / "model"),
+        "config": to_dict(cfg),
+    }

@@ -1,0 +1,43 @@
+"""Connecting to Ray the same way from a laptop, a `ray start --head` cluster, and `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+
+# Measured on these machines (STACK_NOTES §4): without these, Ray binds a non-loopback address, writes an auth
+# token that later breaks `ray job submit`, and phones home. Every Ray process needs them, so set them before
+# Ray starts (a local instance inherits the driver's environment).
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0,
+             object_store_limit_mb: int | None = 100) -> None:
+    """Attach to RAY_ADDRESS when set (job submit, a running cluster), else start a local instance."""
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    ctx = ray.data.DataContext.get_current()
+    # Ray 2.60's V2 file reader adds a ListFiles task that always asks for 1 whole CPU; next to a 1-CPU trainer
+    # and the stage actors that deadlocks a 2-core node. The V1 reader honours our fractional num_cpus.
+    ctx.use_datasource_v2 = False
+    # A resource deadlock becomes an ExecutionTimeoutError after this long instead of a 30-minute silent hang.
+    ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+    if object_store_limit_mb:
+        # The budget that bounds rows in flight between Score and Train (and so staleness); Train inherits it.
+        opts = ctx.execution_options
+        opts.resource_limits = opts.resource_limits.copy(object_store_memory=object_store_limit_mb * 2**20)

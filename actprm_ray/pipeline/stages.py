@@ -1,0 +1,184 @@
+"""The Ray Data stages of the loop, as plain callable classes: `Stage(config, ...)` then `stage(batch) -> batch`.
+
+Each is testable by calling it on a dict batch without Ray. Heavy setup (tokenizer, model) happens in
+__init__, once per actor. A bad row never raises: it gets `valid=False` and an `invalid_reason`, and flows
+on to the trainer, which records its outcome (one stream, so accounting stays 1:1).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from actprm_ray.data.step_format import StepFormatError, encode_trajectory
+from actprm_ray.select import is_uncertain, select_rows
+
+NO_ORACLE = -2
+
+
+def _obj(values) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def _check_columns(batch: dict, required: tuple[str, ...], stage: str) -> None:
+    missing = [c for c in required if c not in batch]
+    if missing:
+        raise KeyError(f"{stage}: input batch lacks columns {missing} (has {sorted(batch)})")
+
+
+class CanonicalizeStage:
+    """Pool rows -> canonical question/steps + token ids + read-out positions (METHOD §2), or an invalid reason."""
+
+    required = ("id", "question", "steps")
+
+    def __init__(self, tokenizer_dir: str, *, sep: str, system_prompt: str, max_length: int | None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.sep, self.system_prompt, self.max_length = sep, system_prompt, max_length
+
+    def __call__(self, batch: dict) -> dict:
+        _check_columns(batch, self.required, "CanonicalizeStage")
+        n = len(batch["id"])
+        oracle = batch.get("first_error_step")
+        out = {k: [] for k in ("input_ids", "readout_positions", "valid", "invalid_reason", "oracle_first_error_step",
+                               "num_steps", "sep_removed")}
+        steps_out = []
+        for i in range(n):
+            steps = batch["steps"][i]
+            steps = list(steps) if isinstance(steps, (list, np.ndarray)) else steps
+            k = NO_ORACLE
+            if oracle is not None and oracle[i] is not None and not _is_nan(oracle[i]):
+                k = int(oracle[i])
+            try:
+                enc = encode_trajectory(self.tokenizer, batch["question"][i], steps, sep=self.sep,
+                                        system_prompt=self.system_prompt, max_length=self.max_length)
+                if not enc.readout_positions:
+                    raise StepFormatError(f"no step separator survives truncation to {self.max_length} tokens")
+                if k != NO_ORACLE and not -1 <= k < enc.num_steps:
+                    raise StepFormatError(f"first_error_step {k} out of range for {enc.num_steps} steps")
+                # Keep labels consistent with what the model sees: an error beyond the truncation point is invisible.
+                if k >= len(enc.readout_positions):
+                    k = -1
+                ok, reason, ids, pos = True, "", enc.input_ids, enc.readout_positions
+                visible = len(pos)
+            except (StepFormatError, TypeError, ValueError) as e:
+                ok, reason, ids, pos, visible = False, str(e), [], [], 0
+                enc = None
+            out["input_ids"].append(ids)
+            out["readout_positions"].append(pos)
+            out["valid"].append(ok)
+            out["invalid_reason"].append(reason)
+            out["oracle_first_error_step"].append(k)
+            out["num_steps"].append(visible)
+            out["sep_removed"].append(enc.sep_removed if enc else 0)
+            steps_out.append([str(s) for s in steps] if ok else [])
+        result = {"id": np.asarray([str(x) for x in batch["id"]], dtype=object),
+                  "question": _obj([q if isinstance(q, str) else "" for q in batch["question"]]),
+                  "steps": _obj(steps_out)}
+        result.update({k: _obj(v) if k in ("input_ids", "readout_positions") else np.asarray(v) for k, v in out.items()})
+        result["invalid_reason"] = _obj(out["invalid_reason"])
+        return result
+
+
+def _is_nan(x) -> bool:
+    try:
+        return bool(np.isnan(x))
+    except TypeError:
+        return False
+
+
+class ScoreStage:
+    """EnsemblePRM scoring with versioned weights: polls the coordinator between batches, swaps weights on a new version.
+
+    Adds step_mean, step_std (lists, one per visible step) and model_version to every row (empty for invalid rows).
+    """
+
+    required = ("id", "input_ids", "readout_positions", "valid")
+
+    def __init__(self, checkpoint_dir: str, *, batch_size: int = 16, coordinator=None, device: str | None = None,
+                 dtype: str = "float32"):
+        from actprm_ray.model.ensemble_prm import EnsemblePRM
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = EnsemblePRM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.batch_size, self.coordinator, self.version = batch_size, coordinator, 0
+
+    def _refresh_weights(self) -> None:
+        if self.coordinator is None:
+            return
+        import ray
+
+        version, path = ray.get(self.coordinator.latest.remote())
+        if version > self.version and path:
+            self.model.load_published_state(load_file(path, device=str(self.device)))
+            self.version = version
+
+    def __call__(self, batch: dict) -> dict:
+        from actprm_ray.model.scoring import score_encoded
+
+        _check_columns(batch, self.required, "ScoreStage")
+        start = time.perf_counter()
+        self._refresh_weights()
+        n = len(batch["id"])
+        valid = [i for i in range(n) if bool(batch["valid"][i])]
+        scores = score_encoded(
+            self.model,
+            [{"input_ids": batch["input_ids"][i], "readout_positions": batch["readout_positions"][i]} for i in valid],
+            batch_size=self.batch_size, device=self.device)
+        means, stds = [[] for _ in range(n)], [[] for _ in range(n)]
+        for i, s in zip(valid, scores):
+            means[i], stds[i] = s["step_mean"], s["step_std"]
+        if self.coordinator is not None:
+            self.coordinator.add.remote({"scored": len(valid), "score_busy_s": time.perf_counter() - start})
+        return {**batch, "step_mean": _obj(means), "step_std": _obj(stds),
+                "model_version": np.full(n, self.version, dtype=np.int64)}
+
+
+class SelectStage:
+    """The selection rule of METHOD §4 per row (mode active | all | random | none). Invalid rows are never selected."""
+
+    required = ("id", "valid", "step_mean", "step_std")
+
+    def __init__(self, *, mode: str, delta_pred: float, delta_std: float, step_threshold: float, random_rate: float,
+                 seed: int, coordinator=None):
+        self.mode, self.random_rate, self.seed, self.coordinator = mode, random_rate, seed, coordinator
+        self.thresholds = dict(delta_pred=delta_pred, delta_std=delta_std, step_threshold=step_threshold)
+
+    def __call__(self, batch: dict) -> dict:
+        _check_columns(batch, self.required, "SelectStage")
+        n = len(batch["id"])
+        valid = np.asarray(batch["valid"], dtype=bool)
+        uncertain = np.array([bool(valid[i]) and is_uncertain(list(batch["step_mean"][i]), list(batch["step_std"][i]),
+                                                              **self.thresholds) for i in range(n)], dtype=bool)
+        selected = select_rows(self.mode, uncertain, [str(x) for x in batch["id"]], random_rate=self.random_rate,
+                               seed=self.seed) & valid
+        if self.coordinator is not None:
+            self.coordinator.add.remote({"selected": int(selected.sum())})
+        return {**batch, "uncertain": uncertain, "selected": selected}
+
+
+class LabelStage:
+    """Wraps a labeler (oracle | vllm | http) so it shares the run's budget through the coordinator."""
+
+    def __init__(self, labeler_cls, labeler_config, *, coordinator=None, **kwargs):
+        from actprm_ray.pipeline.coordinator import CoordinatorBudget
+
+        self.coordinator = coordinator
+        budget = CoordinatorBudget(coordinator) if coordinator is not None else None
+        self.labeler = labeler_cls(labeler_config, budget=budget, **kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        out = self.labeler(batch)
+        if self.coordinator is not None:
+            ok = int(sum(1 for s in out["label_status"] if s == "ok"))
+            self.coordinator.add.remote({"labelled": ok, "label_busy_s": time.perf_counter() - start})
+        return out

@@ -1,0 +1,305 @@
+"""train_loop_per_worker: setup -> consume the labelled stream -> save. Runs inside Ray Train workers (DDP).
+
+Every row the worker pulls off its shard gets exactly one outcome here: trainable rows (label ok) are
+trained, every other row is recorded as invalid_input / confident / label_failed / not_reached. Outcomes
+are flushed to the run's outcomes/ folder together with each checkpoint, so a restored worker group knows
+which rows are already accounted for and skips their re-delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from actprm_ray.config import Config
+from actprm_ray.data.collate import collate_encoded
+from actprm_ray.loss import actprm_loss
+from actprm_ray.model.ensemble_prm import EnsemblePRM, mean_and_std
+from actprm_ray.pipeline import outcomes as oc
+from actprm_ray.select import is_uncertain, pseudo_labels
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to the peak, then linear decay to 0 at `total` (nanoGPT-style pure schedule)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def truncate_to_labels(input_ids, positions, hard_labels) -> tuple[list[int], list[int]]:
+    """Steps after the first error are dropped (METHOD §1): cut the ids right after the last labelled SEP."""
+    positions = list(positions)[: len(hard_labels)]
+    return list(input_ids)[: positions[-1] + 1], positions
+
+
+class Worker:
+    """One Ray Train worker's state: model, optimiser, outcome log, counters."""
+
+    def __init__(self, cfg: Config, run_dir: Path, coordinator_name: str):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        self.cfg, self.run_dir = cfg, run_dir
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.coordinator = ray.get_actor(coordinator_name, namespace="actprm")
+        self.device = ray.train.torch.get_device()
+        dtype = getattr(torch, cfg.model.dtype)
+
+        self.state = {"step": 0, "version": 0, "rows_trained": 0, "empty_steps": 0, "flushes": 0}
+        checkpoint = ray.train.get_checkpoint()
+        optim_state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                model = EnsemblePRM.from_pretrained(Path(d) / "model", dtype=dtype)
+                self.state = json.loads((Path(d) / "trainer_state.json").read_text())
+                optim_path = Path(d) / f"optim_rank{self.rank}.pt"
+                if optim_path.exists():
+                    optim_state = torch.load(optim_path, weights_only=True)  # tensors only, no pickle code
+        else:
+            model = EnsemblePRM.from_pretrained(run_dir / "init", dtype=dtype)
+        if cfg.model.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable()
+        self.model = ray.train.torch.prepare_model(model)
+        self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
+            weight_decay=t.weight_decay)
+        total = t.total_steps or max(t.warmup_steps + 1, 10_000)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, total))
+        if optim_state is not None:
+            self.optimizer.load_state_dict(optim_state["optimizer"])
+            self.scheduler.load_state_dict(optim_state["scheduler"])
+        self.accounted = set(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
+        self.pending: list[dict] = []  # outcomes since the last flush
+        self.lags: Counter = Counter()
+        self.redelivered = 0
+        self.stale_reselected = 0
+        self.last_loss = float("nan")
+
+    # -- outcomes ----------------------------------------------------------------------------------------------
+    def record(self, row: dict, outcome: str, reason: str = "", **extra) -> None:
+        self.pending.append(oc.outcome_row(
+            row["id"], outcome, reason, model_version=row.get("model_version", -1), train_version=self.state["version"],
+            label_source=str(row.get("label_source", "")), label_cache_hit=bool(row.get("label_cache_hit", False)),
+            judge_prompt_tokens=int(row.get("judge_prompt_tokens", 0)), judge_tokens=int(row.get("judge_tokens", 0)),
+            **extra))
+        self.accounted.add(row["id"])
+
+    def triage(self, row: dict) -> bool:
+        """Record the outcome of a row that will not be trained; return True if the row should be trained."""
+        if row["id"] in self.accounted:  # re-delivered after a restore: already has its outcome
+            self.redelivered += 1
+            return False
+        if not row["valid"]:
+            self.record(row, oc.INVALID_INPUT, str(row["invalid_reason"]))
+            return False
+        if self.cfg.selection.inline:
+            return True  # selection happens in the forward pass (Algorithm 1)
+        status = row["label_status"]
+        if status == "skipped":
+            k, mean = int(row.get("oracle_first_error_step", -2)), list(row["step_mean"])
+            correct = -1 if k == -2 else int(pseudo_labels(mean) == _labels(k, len(mean)))
+            self.record(row, oc.CONFIDENT, "trusted by the ensemble", pseudo_label_correct=correct)
+            return False
+        if status == "over_budget":
+            self.record(row, oc.NOT_REACHED, str(row["label_reason"]))
+            return False
+        if status != "ok":
+            self.record(row, oc.LABEL_FAILED, str(row["label_reason"]))
+            return False
+        return True
+
+    def flush(self) -> None:
+        if self.pending:
+            name = f"rank{self.rank}-flush{self.state['flushes']:06d}-{time.time_ns()}.parquet"
+            oc.write_outcome_part(self.pending, self.run_dir / "outcomes" / name)
+            self.pending = []
+        self.state["flushes"] += 1
+
+    # -- one optimizer micro-step ------------------------------------------------------------------------------
+    def step(self, rows: list[dict]) -> None:
+        cfg, sel = self.cfg, self.cfg.selection
+        batch_rows = []
+        for r in rows:
+            labels = list(r["hard_labels"]) if len(r.get("hard_labels", [])) else None
+            if sel.inline:
+                labels = _labels(int(r["oracle_first_error_step"]), len(r["readout_positions"]))
+            ids, pos = truncate_to_labels(r["input_ids"], r["readout_positions"], labels)
+            batch_rows.append({"input_ids": ids, "readout_positions": pos, "labels": labels})
+        pad = self.core.tokenizer.pad_token_id or 0
+        batch = {k: v.to(self.device) for k, v in collate_encoded(batch_rows, pad).items()}
+        step_row = batch["readout_batch"]
+        self.model.train()
+        logits = self.model(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
+        with torch.no_grad():
+            mu, sigma = mean_and_std(logits.detach(), self.core.config.unbiased_std)
+        selected = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):
+            if r.get("_dummy"):
+                selected[b] = False
+                continue
+            lag = self.state["version"] - int(r.get("model_version", self.state["version"]))
+            stale = lag > sel.max_staleness and sel.stale_policy == "reselect"
+            if sel.inline or stale:
+                m, s = mu[step_row == b].tolist(), sigma[step_row == b].tolist()
+                uncertain = is_uncertain(m, s, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
+                                         step_threshold=sel.step_threshold)
+                selected[b] = uncertain if sel.mode == "active" else sel.mode == "all"
+                if stale and not uncertain:
+                    self.stale_reselected += 1
+        keep = None
+        if cfg.loss.p_keep < 1.0:
+            keep = torch.rand(logits.shape[0], len(rows), device=self.device) < cfg.loss.p_keep
+        loss, stats = actprm_loss(
+            logits, batch["labels"], step_row, selected, dict(self.core.heads.named_parameters()), self.core.anchors(),
+            lam=cfg.loss.reg_lambda, normalization=cfg.loss.bce, regularizer=cfg.loss.regularizer, keep=keep)
+        (loss / cfg.train.grad_accum).backward()
+        self.last_loss = float(loss.detach())
+        self.state["empty_steps"] += int(stats["empty_selection"])
+        for b, r in enumerate(rows):
+            if r.get("_dummy"):
+                continue
+            lag = self.state["version"] - int(r.get("model_version", self.state["version"]))
+            self.lags[lag] += 1
+            if bool(selected[b]):
+                self.record(r, oc.TRAINED)
+                self.state["rows_trained"] += 1
+            elif sel.inline:
+                self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)")
+            else:
+                self.record(r, oc.CONFIDENT, f"stale by {lag} versions; re-scored confident at train time")
+
+
+def _labels(k: int, m: int) -> list[int]:
+    return [1] * m if k < 0 else [1] * k + [0]
+
+
+def _rows(batch: dict) -> list[dict]:
+    n = len(batch["id"])
+    return [{k: batch[k][i] for k in batch} for i in range(n)]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
+    import ray.train
+    from ray.train import Checkpoint
+
+    cfg = _from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    w = Worker(cfg, run_dir, loop_config["coordinator_name"])
+    t = cfg.train
+    shard = ray.train.get_dataset_shard("train")
+    stream = iter(shard.iter_batches(batch_size=t.micro_batch_size, batch_format="numpy", prefetch_batches=1))
+    buffer: list[dict] = []
+    stream_done = budget_done = False
+    micro = 0
+    last_rows: list[dict] = []
+
+    def publish() -> None:
+        w.state["version"] += 1
+        if w.rank == 0:
+            from safetensors.torch import save_file
+
+            path = run_dir / "weights" / f"v{w.state['version']:06d}.safetensors"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(w.core.publishable_state(t.publish), str(path))
+            ray.get(w.coordinator.publish.remote(w.state["version"], str(path)))
+            old = run_dir / "weights" / f"v{w.state['version'] - 3:06d}.safetensors"
+            old.unlink(missing_ok=True)  # scorers poll often; keep a short tail for in-flight loads
+
+    def checkpoint(final: bool = False) -> None:
+        w.flush()
+        metrics = {"step": w.state["step"], "version": w.state["version"], "loss": w.last_loss,
+                   "rows_trained": w.state["rows_trained"], "final": final}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if w.rank == 0:
+                w.core.save_pretrained(Path(tmp) / "model")
+                (Path(tmp) / "trainer_state.json").write_text(json.dumps(w.state))
+            torch.save({"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()},
+                       Path(tmp) / f"optim_rank{w.rank}.pt")
+            ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    if w.rank == 0 and ray.get(w.coordinator.latest.remote())[0] < w.state["version"]:
+        # Resumed: scorers must see the restored weights, with a version above what they hold.
+        w.state["version"] -= 1
+        publish()
+
+    while True:
+        # Fill the buffer with trainable rows; record every other row's outcome on the way.
+        while len(buffer) < t.micro_batch_size and not stream_done and not budget_done:
+            try:
+                batch = next(stream)
+            except StopIteration:
+                stream_done = True
+                break
+            taken = 0
+            for row in _rows(batch):
+                if w.triage(row):
+                    buffer.append(row)
+                    taken += int(not cfg.selection.inline)
+            if taken:
+                w.coordinator.consume.remote(taken)
+            if cfg.budget.max_labels is not None or cfg.budget.max_judge_tokens is not None:
+                budget_done = ray.get(w.coordinator.all_granted_consumed.remote())
+        rows, buffer = buffer[: t.micro_batch_size], buffer[t.micro_batch_size:]
+        # Join semantics for uneven shards: every rank steps while any rank has data; empty ranks run a
+        # zero-weight dummy batch so DDP's all-reduce still matches (METHOD §5: 0·Σz keeps the graph connected).
+        have = torch.tensor([1 if rows else 0], dtype=torch.long)
+        if w.world > 1:
+            dist.all_reduce(have, op=dist.ReduceOp.MAX)
+        if int(have.item()) == 0:
+            break
+        if rows:
+            last_rows = rows
+        if not rows:
+            if not last_rows:
+                raise RuntimeError("rank has no rows at all to build a DDP dummy batch from; use fewer workers")
+            rows = [{**last_rows[0], "_dummy": True}]
+        w.step(rows)
+        micro += 1
+        if micro % t.grad_accum:
+            continue
+        torch.nn.utils.clip_grad_norm_(w.model.parameters(), t.grad_clip)
+        w.optimizer.step()
+        w.scheduler.step()
+        w.optimizer.zero_grad(set_to_none=True)
+        w.state["step"] += 1
+        if t.step_delay_s:
+            time.sleep(t.step_delay_s)
+        if w.state["step"] % t.publish_every == 0:
+            publish()
+        if w.state["step"] % t.checkpoint_every == 0:
+            checkpoint()
+        if w.rank == 0:
+            w.coordinator.add.remote({"trained_steps": 1})
+
+    # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
+    stats = {"lags": {str(k): v for k, v in sorted(w.lags.items())}, "redelivered": w.redelivered,
+             "stale_reselected": w.stale_reselected, "empty_steps": w.state["empty_steps"]}
+    (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
+    (run_dir / "trainer" / f"rank{w.rank}.json").write_text(json.dumps(stats))
+    checkpoint(final=True)
+
+
+def _from_dict(d: dict) -> Config:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))

@@ -1,0 +1,46 @@
+"""TorchTrainer assembly: scaling, storage, checkpoints, failure handling, and an unequal stream split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from actprm_ray.config import Config, to_dict
+from actprm_ray.train.loop import train_loop_per_worker
+
+
+class UnequalSplit(DataConfig):
+    """Ray Train splits with `streaming_split(equal=True)`, which drops rows to even out shards; a paid label
+    must never be dropped, so split unequally and let the loop's join logic absorb uneven shards."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        out = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                out[i][name] = split
+        return out
+
+
+def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str) -> TorchTrainer:
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "coordinator_name": coordinator_name},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str((run_dir / "ray_train").resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets={"train": dataset},
+        dataset_config=UnequalSplit(),
+    )
