@@ -95,7 +95,8 @@ class PipelineConfig:
     label_num_cpus: float = 0.25
     label_num_gpus: float = 0.0
     map_num_cpus: float = 0.25  # CPU share of stateless map stages (canonicalise/tokenise); keep < 1 on small machines
-    object_store_limit_mb: int = 100  # Ray Data object-store budget: bounds rows in flight (and so staleness)
+    object_store_limit_mb: int = 100  # Ray Data object-store budget: bounds the bytes in flight
+    max_rows_in_flight: Optional[int] = 256  # rows scored but not yet pulled by the trainer (bounds staleness); None = off
     no_progress_timeout_s: float = 60.0  # turn a resource deadlock into an error instead of a silent hang
     status_every_s: float = 10.0  # period of the one-line status print
     max_restarts: int = 2  # actor restarts for scorer/labeler actors
@@ -200,6 +201,11 @@ def validate(cfg: Config) -> Config:
     for name in ("micro_batch_size", "grad_accum", "num_workers", "publish_every", "checkpoint_every"):
         if getattr(t, name) < 1:
             errors.append(f"train.{name}={getattr(t, name)}: must be >= 1")
+    p = cfg.pipeline
+    if p.max_rows_in_flight is not None and p.max_rows_in_flight < 2 * max(p.score_batch_size, p.label_batch_size,
+                                                                           t.micro_batch_size):
+        errors.append(f"pipeline.max_rows_in_flight={p.max_rows_in_flight}: must be at least twice the largest "
+                      "batch size, or partial batches could never reach the trainer")
     if t.use_gpu and t.gpus_per_worker <= 0:
         errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
     if cfg.labeler.kind == "http" and not cfg.labeler.judge.base_url:
@@ -237,10 +243,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(cfg)
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """`[--config FILE] [a.b=c ...]`, the command line of every job."""
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
+
+
+def parse_args(argv: list[str] | None = None, default_config: Path | None = DEFAULT_CONFIG) -> Config:
+    """`[--config FILE] [a.b=c ...]`, the command line of every job; without --config, `default_config`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    path = None
+    path = default_config if default_config is not None and Path(default_config).is_file() else None
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

@@ -41,8 +41,12 @@ def normalize_step(text: str) -> str:
 
 def sanitize(text: str, sep: str) -> tuple[str, int]:
     """Remove every literal occurrence of the separator string; return (clean text, removals)."""
-    count = text.count(sep)
-    return (text.replace(sep, "") if count else text), count
+    count = 0
+    # Repeat: one removal can join two halves into a new separator ("<extra_<extra_0>0>" -> "<extra_0>").
+    while sep and sep in text:
+        count += text.count(sep)
+        text = text.replace(sep, "")
+    return text, count
 
 
 def assistant_text(steps: list[str], sep: str) -> str:
@@ -111,7 +115,8 @@ class EncodedRow:
     num_steps: int = 0  # steps before truncation
     truncated: bool = False
     sep_removed: int = 0
-    extra: dict = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)  # canonical steps whose SEP survived truncation
+    question: str = ""  # canonical question
 
 
 def encode_trajectory(
@@ -165,4 +170,6 @@ def encode_trajectory(
         num_steps=len(row.steps),
         truncated=truncated,
         sep_removed=row.sep_removed,
+        steps=row.steps[: len(positions)],
+        question=row.question,
     )

@@ -28,7 +28,8 @@ def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0
     if not ray.is_initialized():
         runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(runtime_env=runtime_env, log_to_driver=True)
+            # A submitted job already carries its runtime env (working_dir); passing another would replace it.
+            ray.init()
         else:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()

@@ -50,7 +50,7 @@ class CanonicalizeStage:
         oracle = batch.get("first_error_step")
         out = {k: [] for k in ("input_ids", "readout_positions", "valid", "invalid_reason", "oracle_first_error_step",
                                "num_steps", "sep_removed")}
-        steps_out = []
+        steps_out, questions = [], []
         for i in range(n):
             steps = batch["steps"][i]
             steps = list(steps) if isinstance(steps, (list, np.ndarray)) else steps
@@ -79,9 +79,11 @@ class CanonicalizeStage:
             out["oracle_first_error_step"].append(k)
             out["num_steps"].append(visible)
             out["sep_removed"].append(enc.sep_removed if enc else 0)
-            steps_out.append([str(s) for s in steps] if ok else [])
+            # Downstream (labeler, judge) sees exactly the canonical steps the model reads out.
+            steps_out.append(enc.steps if ok else [])
+            questions.append(enc.question if ok else "")
         result = {"id": np.asarray([str(x) for x in batch["id"]], dtype=object),
-                  "question": _obj([q if isinstance(q, str) else "" for q in batch["question"]]),
+                  "question": _obj(questions),
                   "steps": _obj(steps_out)}
         result.update({k: _obj(v) if k in ("input_ids", "readout_positions") else np.asarray(v) for k, v in out.items()})
         result["invalid_reason"] = _obj(out["invalid_reason"])
@@ -104,12 +106,26 @@ class ScoreStage:
     required = ("id", "input_ids", "readout_positions", "valid")
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int = 16, coordinator=None, device: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", max_rows_in_flight: int | None = None):
         from actprm_ray.model.ensemble_prm import EnsemblePRM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = EnsemblePRM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.batch_size, self.coordinator, self.version = batch_size, coordinator, 0
+        self.max_rows_in_flight = max_rows_in_flight
+
+    def _wait_for_trainer(self) -> None:
+        """Row-based backpressure: Ray Data's budget is in bytes, and small rows would let the scorer run a whole
+        pool ahead of a slow trainer (stale scores). Hold the batch while too many scored rows are unconsumed."""
+        if self.coordinator is None or not self.max_rows_in_flight:
+            return
+        import ray
+
+        while True:
+            s = ray.get(self.coordinator.snapshot.remote())
+            if s.get("score_out", 0) - s.get("pulled", 0) < self.max_rows_in_flight:
+                return
+            time.sleep(0.2)
 
     def _refresh_weights(self) -> None:
         if self.coordinator is None:
@@ -125,6 +141,7 @@ class ScoreStage:
         from actprm_ray.model.scoring import score_encoded
 
         _check_columns(batch, self.required, "ScoreStage")
+        self._wait_for_trainer()
         start = time.perf_counter()
         self._refresh_weights()
         n = len(batch["id"])
@@ -137,7 +154,8 @@ class ScoreStage:
         for i, s in zip(valid, scores):
             means[i], stds[i] = s["step_mean"], s["step_std"]
         if self.coordinator is not None:
-            self.coordinator.add.remote({"scored": len(valid), "score_busy_s": time.perf_counter() - start})
+            self.coordinator.add.remote({"scored": len(valid), "score_out": n,
+                                         "score_busy_s": time.perf_counter() - start})
         return {**batch, "step_mean": _obj(means), "step_std": _obj(stds),
                 "model_version": np.full(n, self.version, dtype=np.int64)}
 
@@ -148,8 +166,8 @@ class SelectStage:
     required = ("id", "valid", "step_mean", "step_std")
 
     def __init__(self, *, mode: str, delta_pred: float, delta_std: float, step_threshold: float, random_rate: float,
-                 seed: int, coordinator=None):
-        self.mode, self.random_rate, self.seed, self.coordinator = mode, random_rate, seed, coordinator
+                 seed: int):
+        self.mode, self.random_rate, self.seed = mode, random_rate, seed
         self.thresholds = dict(delta_pred=delta_pred, delta_std=delta_std, step_threshold=step_threshold)
 
     def __call__(self, batch: dict) -> dict:
@@ -160,8 +178,6 @@ class SelectStage:
                                                               **self.thresholds) for i in range(n)], dtype=bool)
         selected = select_rows(self.mode, uncertain, [str(x) for x in batch["id"]], random_rate=self.random_rate,
                                seed=self.seed) & valid
-        if self.coordinator is not None:
-            self.coordinator.add.remote({"selected": int(selected.sum())})
         return {**batch, "uncertain": uncertain, "selected": selected}
 
 
@@ -180,5 +196,6 @@ class LabelStage:
         out = self.labeler(batch)
         if self.coordinator is not None:
             ok = int(sum(1 for s in out["label_status"] if s == "ok"))
-            self.coordinator.add.remote({"labelled": ok, "label_busy_s": time.perf_counter() - start})
+            self.coordinator.add.remote({"selected": int(np.sum(batch["selected"])), "labelled": ok,
+                                         "label_busy_s": time.perf_counter() - start})
         return out

@@ -251,6 +251,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 stream_done = True
                 break
             taken = 0
+            w.coordinator.add.remote({"pulled": len(batch["id"])})
             for row in _rows(batch):
                 if w.triage(row):
                     buffer.append(row)

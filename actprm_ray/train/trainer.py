@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+
+from ray.data import DataContext
 
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -42,5 +45,7 @@ def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str) ->
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
         datasets={"train": dataset},
-        dataset_config=UnequalSplit(),
+        # Pass the driver's execution options explicitly: the split runs in the Train controller process, whose
+        # own DataContext would otherwise replace our object-store budget (and so the backpressure bound).
+        dataset_config=UnequalSplit(execution_options=copy.deepcopy(DataContext.get_current().execution_options)),
     )

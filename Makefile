@@ -1,0 +1,19 @@
+# The two commands of the README:  `make run` (embedded default job) and `make test` (the whole suite).
+SHELL := /bin/bash
+export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 \
+       VLLM_HOST_IP=127.0.0.1 VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+VENV := .venv/bin
+
+.PHONY: setup run test test-fast
+setup:
+	bash scripts/install.sh
+
+run: setup
+	$(VENV)/python jobs/active_train.py $(ARGS)
+
+test: setup
+	$(VENV)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+# Pure-logic tests only (no Ray, no vLLM): seconds.
+test-fast: setup
+	$(VENV)/python -m pytest -q -m "not ray and not vllm and not slow" $(PYTEST_ARGS)

@@ -1,0 +1,148 @@
+"""Config: METHOD defaults, YAML + dotlist layering, errors that name the key, the resolved dump."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from actprm_ray.config import Config, ConfigError, load_config, parse_args, save_resolved, to_dict, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_method():
+    cfg = load_config()
+    assert cfg.model.trust_remote_code is False  # remote code stays off unless asked for
+    assert cfg.model.n_heads == 32 and cfg.model.head_hidden == 128
+    assert cfg.model.sep == "<extra_0>"
+    assert cfg.model.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}."
+    assert cfg.model.max_length == 2048
+    assert cfg.model.init == "normal"
+    assert (cfg.selection.delta_pred, cfg.selection.delta_std, cfg.selection.step_threshold) == (0.95, 0.005, 0.5)
+    assert cfg.selection.mode == "active" and cfg.selection.unbiased_std is False
+    assert (cfg.loss.bce, cfg.loss.regularizer, cfg.loss.reg_lambda, cfg.loss.p_keep) == (
+        "pooled", "element_mean", 0.5, 1.0)
+    assert (cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-5, 500, 0.0, 1.0)
+
+
+def test_dotlist_overrides_with_types():
+    cfg = load_config(None, ["selection.delta_pred=0.9", "model.n_heads=8", "selection.mode=all",
+                             "model.trust_remote_code=true"])
+    assert cfg.selection.delta_pred == 0.9 and isinstance(cfg.selection.delta_pred, float)
+    assert cfg.model.n_heads == 8 and isinstance(cfg.model.n_heads, int)
+    assert cfg.selection.mode == "all"
+    assert cfg.model.trust_remote_code is True
+
+
+def test_aleatoric_only_ablation_value_parses():
+    assert math.isinf(load_config(None, ["selection.delta_std=.inf"]).selection.delta_std)
+
+
+def test_yaml_then_dotlist_layering(tmp_path):
+    path = write(tmp_path, "selection:\n  delta_pred: 0.9\n  delta_std: 0.01\nmodel:\n  n_heads: 4\n")
+    cfg = load_config(path, ["selection.delta_pred=0.97"])
+    assert cfg.selection.delta_pred == 0.97  # the command line wins over the file
+    assert cfg.selection.delta_std == 0.01  # the file wins over the default
+    assert cfg.model.n_heads == 4
+    assert cfg.loss.reg_lambda == 0.5  # untouched default
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["selection.nope=1"], "selection.nope"),
+        (["nope.x=1"], "nope"),
+        (["labeler.judge.tempreature=0.2"], "labeler.judge.tempreature"),
+    ],
+)
+def test_unknown_key_is_named(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert key in str(err.value)
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"selection\.delta_prd"):
+        load_config(write(tmp_path, "selection:\n  delta_prd: 0.9\n"))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["selection.delta_pred=abc"], "selection.delta_pred"),
+        (["model.n_heads=3.5"], "model.n_heads"),
+        (["model.trust_remote_code=maybe"], "model.trust_remote_code"),
+        (["train.micro_batch_size=[1,2]"], "train.micro_batch_size"),
+    ],
+)
+def test_wrong_type_is_named(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert key in str(err.value)
+
+
+def test_wrong_type_in_yaml_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.n_heads"):
+        load_config(write(tmp_path, "model:\n  n_heads: many\n"))
+
+
+def test_semantic_errors_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["selection.mode=topk", "model.n_heads=0", "selection.delta_pred=0.3", "loss.bce=mean"])
+    msg = str(err.value)
+    for key in ("selection.mode", "model.n_heads", "selection.delta_pred", "loss.bce"):
+        assert key in msg
+
+
+def test_validate_catches_direct_edits():
+    cfg = Config()
+    cfg.selection.random_rate = 1.5
+    with pytest.raises(ConfigError, match=r"selection\.random_rate"):
+        validate(cfg)
+
+
+def test_http_labeler_needs_endpoint():
+    with pytest.raises(ConfigError, match=r"labeler\.judge\.base_url"):
+        load_config(None, ["labeler.kind=http", "labeler.judge.judge_id=j"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="a.b=c"):
+        load_config(None, ["selection.delta_pred"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_parse_args(tmp_path):
+    path = write(tmp_path, "model:\n  n_heads: 4\n")
+    cfg = parse_args(["--config", str(path), "selection.delta_std=0.002"])
+    assert cfg.model.n_heads == 4 and cfg.selection.delta_std == 0.002
+    with pytest.raises(ConfigError, match="--config needs a file"):
+        parse_args(["--config"])
+
+
+def test_resolved_config_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["selection.delta_pred=0.9", "model.n_heads=4", "data.limit=10"])
+    path = save_resolved(cfg, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    text = path.read_text()
+    assert "delta_pred: 0.9" in text and "n_heads: 4" in text
+    reloaded = load_config(path)
+    assert asdict(reloaded) == asdict(cfg)
+    assert to_dict(reloaded) == to_dict(cfg)
+    assert reloaded != load_config()  # the overrides really were written
+
+
+# Every shipped YAML must load against the schema (empty until conf/ has files).
+@pytest.mark.parametrize("path", sorted((REPO / "conf").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_validates(path):
+    load_config(path)
