@@ -73,7 +73,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # rows per device per forward
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = workers x micro x accum)
-    num_workers: int = 1  # Ray Train workers (DDP)
+    num_workers: int = 1  # Ray Train workers
+    parallel_strategy: str = "ddp"  # ddp | fsdp (Ray Train's prepare_model; fsdp shards params/grads/optimizer for 7B+)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -96,7 +97,7 @@ class PipelineConfig:
     label_num_gpus: float = 0.0
     map_num_cpus: float = 0.25  # CPU share of stateless map stages (canonicalise/tokenise); keep < 1 on small machines
     object_store_limit_mb: int = 100  # Ray Data object-store budget: bounds the bytes in flight
-    max_rows_in_flight: Optional[int] = 256  # rows scored but not yet pulled by the trainer (bounds staleness); None = off
+    block_size_kb: int = 256  # Ray Data target block size: the granularity of backpressure (small rows -> small blocks)
     no_progress_timeout_s: float = 60.0  # turn a resource deadlock into an error instead of a silent hang
     status_every_s: float = 10.0  # period of the one-line status print
     max_restarts: int = 2  # actor restarts for scorer/labeler actors
@@ -173,6 +174,7 @@ _CHOICES = {
     "loss.bce": ("pooled", "per_trajectory"),
     "loss.regularizer": ("element_mean", "per_head_sum"),
     "train.publish": ("full", "heads"),
+    "train.parallel_strategy": ("ddp", "fsdp"),
     "labeler.kind": ("oracle", "vllm", "http"),
 }
 
@@ -201,11 +203,6 @@ def validate(cfg: Config) -> Config:
     for name in ("micro_batch_size", "grad_accum", "num_workers", "publish_every", "checkpoint_every"):
         if getattr(t, name) < 1:
             errors.append(f"train.{name}={getattr(t, name)}: must be >= 1")
-    p = cfg.pipeline
-    if p.max_rows_in_flight is not None and p.max_rows_in_flight < 2 * max(p.score_batch_size, p.label_batch_size,
-                                                                           t.micro_batch_size):
-        errors.append(f"pipeline.max_rows_in_flight={p.max_rows_in_flight}: must be at least twice the largest "
-                      "batch size, or partial batches could never reach the trainer")
     if t.use_gpu and t.gpus_per_worker <= 0:
         errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
     if cfg.labeler.kind == "http" and not cfg.labeler.judge.base_url:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,12 +31,16 @@ def _free_port() -> int:
 def head_node(tmp_path):
     env = {**os.environ, **RAY_ENV_DEFAULTS}
     env.pop("RAY_ADDRESS", None)
+    # Job drivers run `python` from the head's PATH: make it this environment's interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # Ray's Unix sockets live under the temp dir and must stay under ~107 characters: no pytest tmp_path here.
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     port, dash = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     # --block keeps the head in this process group: terminating it stops exactly this cluster, never others.
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp_path / 'ray'}"],
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
@@ -53,6 +59,7 @@ def head_node(tmp_path):
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, 9)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_active_train(head_node, tmp_path):

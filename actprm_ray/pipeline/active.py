@@ -79,7 +79,7 @@ def run_active(cfg: Config) -> dict:
     if cfg.selection.inline and cfg.labeler.kind != "oracle":
         raise ValueError("selection.inline=true reveals labels inside the trainer: it needs labeler.kind=oracle")
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
-             object_store_limit_mb=cfg.pipeline.object_store_limit_mb)
+             object_store_limit_mb=cfg.pipeline.object_store_limit_mb, block_size_kb=cfg.pipeline.block_size_kb)
 
     init_dir = prepare_initial_model(cfg, run_dir)
     pool = resolve_pool(cfg, run_dir)

@@ -18,7 +18,7 @@ RAY_ENV_DEFAULTS = {
 
 
 def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0,
-             object_store_limit_mb: int | None = 100) -> None:
+             object_store_limit_mb: int | None = 100, block_size_kb: int | None = 256) -> None:
     """Attach to RAY_ADDRESS when set (job submit, a running cluster), else start a local instance."""
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
@@ -38,6 +38,10 @@ def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0
     ctx.use_datasource_v2 = False
     # A resource deadlock becomes an ExecutionTimeoutError after this long instead of a 30-minute silent hang.
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s
+    if block_size_kb:
+        # Backpressure acts per block: with the default 128 MB blocks a whole small pool is one block and runs
+        # ahead of the trainer in one piece. Small blocks make the byte budget bite at row granularity.
+        ctx.target_max_block_size = block_size_kb * 1024
     if object_store_limit_mb:
         # The budget that bounds rows in flight between Score and Train (and so staleness); Train inherits it.
         opts = ctx.execution_options

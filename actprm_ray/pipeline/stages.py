@@ -106,26 +106,12 @@ class ScoreStage:
     required = ("id", "input_ids", "readout_positions", "valid")
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int = 16, coordinator=None, device: str | None = None,
-                 dtype: str = "float32", max_rows_in_flight: int | None = None):
+                 dtype: str = "float32"):
         from actprm_ray.model.ensemble_prm import EnsemblePRM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = EnsemblePRM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.batch_size, self.coordinator, self.version = batch_size, coordinator, 0
-        self.max_rows_in_flight = max_rows_in_flight
-
-    def _wait_for_trainer(self) -> None:
-        """Row-based backpressure: Ray Data's budget is in bytes, and small rows would let the scorer run a whole
-        pool ahead of a slow trainer (stale scores). Hold the batch while too many scored rows are unconsumed."""
-        if self.coordinator is None or not self.max_rows_in_flight:
-            return
-        import ray
-
-        while True:
-            s = ray.get(self.coordinator.snapshot.remote())
-            if s.get("score_out", 0) - s.get("pulled", 0) < self.max_rows_in_flight:
-                return
-            time.sleep(0.2)
 
     def _refresh_weights(self) -> None:
         if self.coordinator is None:
@@ -141,7 +127,6 @@ class ScoreStage:
         from actprm_ray.model.scoring import score_encoded
 
         _check_columns(batch, self.required, "ScoreStage")
-        self._wait_for_trainer()
         start = time.perf_counter()
         self._refresh_weights()
         n = len(batch["id"])

@@ -74,7 +74,7 @@ class Worker:
             model = EnsemblePRM.from_pretrained(run_dir / "init", dtype=dtype)
         if cfg.model.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable()
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
         self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
