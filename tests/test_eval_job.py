@@ -1,0 +1,208 @@
+"""Scorers on tiny checkpoints and the evaluate job end to end on slices of the real benchmark files."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from actprm_ray.data.step_format import DEFAULT_SYSTEM_PROMPT, encode_trajectory
+from actprm_ray.eval import metrics as M
+from actprm_ray.eval.qwen_prm import HEAD_KEYS, QwenPRM, build_tiny_qwen_prm, is_qwen_prm_checkpoint
+from actprm_ray.eval.scorers import build_local_scorer, build_tiny_checkpoint, checkpoint_kind
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+ROWS = [
+    {"id": "short", "question": "What is 2 + 3?", "steps": ["Add 2 and 3.", "The answer is 5."]},
+    {"id": "long", "question": "Tom has 12 apples and buys 30 more. He gives away 7. How many are left?",
+     "steps": ["He starts with 12 apples.", "Buying 30 more gives 12 + 30 = 42.",
+               "Giving away 7 leaves 42 - 7 = 35.\n\nSo 35 apples are left.", "The answer is 35."]},
+]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    work = tmp_path_factory.mktemp("eval_ckpts")
+    return {"qwen_prm": build_tiny_checkpoint("tiny_qwen_prm", work), "ensemble": build_tiny_checkpoint("tiny", work)}
+
+
+def test_checkpoint_kinds_are_detected(ckpts, tmp_path):
+    assert checkpoint_kind(ckpts["qwen_prm"]) == "qwen_prm" and is_qwen_prm_checkpoint(ckpts["qwen_prm"])
+    assert checkpoint_kind(ckpts["ensemble"]) == "ensemble" and not is_qwen_prm_checkpoint(ckpts["ensemble"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither an EnsemblePRM"):
+        checkpoint_kind(tmp_path)
+
+
+def test_qwen_prm_matches_a_by_hand_forward(ckpts):
+    """µ = softmax(W2 relu(W1 h + b1) + b2)[1] at each <extra_0>, with h from the plain backbone, recomputed here
+    from the raw safetensors tensors; and the config's remote-code auto_map is never needed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    d = ckpts["qwen_prm"]
+    assert "auto_map" in json.loads((d / "config.json").read_text())
+    scorer = build_local_scorer(d, device="cpu")
+    got = scorer(ROWS)
+
+    tok = AutoTokenizer.from_pretrained(d)
+    backbone = AutoModel.from_pretrained(d).eval()
+    w = load_file(d / "model.safetensors")
+    for row, mus in zip(ROWS, got):
+        enc = encode_trajectory(tok, row["question"], row["steps"], sep="<extra_0>", system_prompt=DEFAULT_SYSTEM_PROMPT)
+        with torch.no_grad():
+            h = backbone(input_ids=torch.tensor([enc.input_ids])).last_hidden_state[0, enc.readout_positions]
+            hidden = torch.relu(h @ w["score.0.weight"].T + w["score.0.bias"])
+            p = torch.softmax(hidden @ w["score.2.weight"].T + w["score.2.bias"], dim=-1)[:, 1]
+        assert len(mus) == len(row["steps"])
+        assert mus == pytest.approx(p.tolist(), abs=1e-5)
+    # The random head is meant to give spread-out probabilities, so this test can tell heads apart.
+    assert max(max(m) for m in got) - min(min(m) for m in got) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["qwen_prm", "ensemble"])
+def test_scores_do_not_depend_on_batch_padding(ckpts, kind):
+    scorer = build_local_scorer(ckpts[kind], device="cpu")
+    alone = scorer([ROWS[0]])[0]
+    batched = scorer([ROWS[1], ROWS[0]])[1]  # padded to the long row's length
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert all(0.0 < m < 1.0 for m in alone)
+
+
+def test_ensemble_scorer_agrees_with_score_trajectories(ckpts):
+    from actprm_ray.model.ensemble_prm import EnsemblePRM
+    from actprm_ray.model.scoring import score_trajectories
+
+    scorer = build_local_scorer(ckpts["ensemble"], device="cpu")
+    model = EnsemblePRM.from_pretrained(ckpts["ensemble"]).eval()
+    ref = score_trajectories(model, model.tokenizer, ROWS, sep="<extra_0>", system_prompt=DEFAULT_SYSTEM_PROMPT, batch_size=1)
+    assert scorer(ROWS) == [pytest.approx(r["step_mean"], abs=1e-6) for r in ref]
+
+
+def test_qwen_prm_missing_head_is_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = build_tiny_qwen_prm(tmp_path / "q")
+    state = load_file(d / "model.safetensors")
+    del state["score.2.bias"]
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing head tensor\(s\) \['score.2.bias'\]"):
+        QwenPRM.from_pretrained(d)
+    assert "score.2.bias" in HEAD_KEYS
+
+
+def _run_job(args: list[str]) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(args) == 0
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _all_numbers(obj):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _all_numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _all_numbers(v)
+
+
+def _check_scores_in_unit_interval(metrics: dict) -> None:
+    for name, m in metrics["benchmarks"].items():
+        scores = [m["mean_f1"]] if "mean_f1" in m else [m["overall"]["prm_score"]]
+        scores += [v for sub in m.get("subsets", {}).values() for k, v in sub.items() if k in ("acc_err", "acc_cor", "f1")]
+        scores += [v for c in m.get("categories", {}).values() for k, v in c.items() if k in ("f1_pos", "f1_neg", "prm_score", "score")]
+        scores += list(m.get("groups", {}).values())
+        assert scores and all(isinstance(x, float) and math.isfinite(x) and 0.0 <= x <= 1.0 for x in scores), name
+        pad = m["scoring"]
+        assert 0.0 <= pad["padding_fraction_after_bucketing"] <= pad["padding_fraction_before_bucketing"] < 1.0
+    assert all(math.isfinite(x) for x in _all_numbers(metrics))
+
+
+def test_job_end_to_end_on_real_slices(ckpts, tmp_path):
+    out = tmp_path / "run"
+    metrics = _run_job(["--checkpoint", str(ckpts["ensemble"]), "--benchmark", "processbench", "prmbench",
+                        "--limit", "4", "--batch_size", "4", "--out", str(out), "--sweep_on", "gsm8k"])
+    for name in ("predictions.jsonl", "metrics.json", "report.md", "processbench_per_subset.png",
+                 "processbench_threshold_curve.png", "prmbench_per_subset.png", "prmbench_threshold_curve.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    _check_scores_in_unit_interval(metrics)
+    pb, prm = metrics["benchmarks"]["processbench"], metrics["benchmarks"]["prmbench"]
+    assert pb["data"]["stats"]["samples"] == 16 and prm["data"]["stats"]["samples"] == 40
+    assert set(pb["sweep"]["f1_other_subsets"]) == {"math", "olympiadbench", "omnimath"}
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    assert len(rows) == 16 + 40
+    for r in rows:
+        if r["benchmark"] == "processbench":
+            # The stored prediction is the protocol applied to the stored µ.
+            assert r["pred"] == M.first_error_prediction(r["step_mu"], 0.5)
+        else:
+            assert r["valid"] == [m > 0.5 for m in r["step_mu"]] and len(r["valid"]) == len(r["step_mu"])
+    report = (out / "report.md").read_text()
+    assert "| ActPRM | .816 |" in report and "**this run**" in report and "Partial run" in report
+
+
+def test_job_first_error_format_with_qwen_prm(ckpts, tmp_path):
+    out = tmp_path / "fe"
+    metrics = _run_job(["--checkpoint", str(ckpts["qwen_prm"]), "--benchmark", "first_error", "--format", "champ_fws",
+                        "--limit", "6", "--out", str(out)])
+    m = metrics["benchmarks"]["first_error:champ_fws"]
+    assert m["subsets"]["champ_fws"]["n"] == 6 and m["subsets"]["champ_fws"]["n_cor"] >= 1
+    assert metrics["meta"]["kind"] == "qwen_prm"
+    _check_scores_in_unit_interval(metrics)
+    assert (out / "first_error_champ_fws_threshold_curve.png").is_file()
+
+
+def test_job_rejects_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        _run_job(["--benchmark", "first_error", "--out", str(tmp_path)])  # no --format
+    with pytest.raises(SystemExit):
+        _run_job(["--benchmark", "processbench", "prmbench", "--data", "x", "--out", str(tmp_path)])
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~70 s on the shared 2-core box: two actor stages each load the model
+def test_ray_data_scorer_matches_local_scorer(ckpts, ray_local):
+    """The loop's Ray Data stages give the same µ as the in-process scorer, row for row (order restored)."""
+    from actprm_ray.eval.batching import score_rows
+    from actprm_ray.eval.ray_scorer import RayDataScorer
+
+    ray_scorer = RayDataScorer(ckpts["ensemble"], batch_size=2)
+    assert [s.name for s in ray_scorer.plan().stages] == ["canonicalize", "score"]
+    rows = ROWS + [{"id": "third", "question": "Is 7 prime?", "steps": ["7 has no divisors but 1 and 7.", "Yes."]}]
+    via_ray = score_rows(rows, ray_scorer, batch_size=2)
+    local = score_rows(rows, build_local_scorer(ckpts["ensemble"], device="cpu"), batch_size=2)
+    assert via_ray.mus == [pytest.approx(m, abs=1e-5) for m in local.mus]
+    assert via_ray.padding_after == local.padding_after  # same token lengths, same bucketing
+
+
+def test_report_row_follows_the_paper_columns():
+    from actprm_ray.eval.report import markdown_report, our_row
+    from actprm_ray.eval.runner import BenchmarkResult
+
+    scoring = {"rows_scored": 1, "steps_scored": 1, "wall_s": 1.0, "rows_per_s": 1.0, "unscorable": 0,
+               "padding_fraction_before_bucketing": 0.5, "padding_fraction_after_bucketing": 0.1, "padding_length_unit": "tokens"}
+    data = {"stats": {"samples": 1}, "skipped_rows": 0}
+    sub = lambda f1: {"acc_err": f1, "acc_cor": f1, "f1": f1, "n_err": 1, "n_cor": 1}  # noqa: E731
+    pb = BenchmarkResult("processbench", [], {"tau": 0.5, "mean_f1": 0.25, "scoring": scoring, "data": data, "subsets": {
+        "gsm8k": sub(0.1), "math": sub(0.2), "olympiadbench": sub(0.3), "omnimath": sub(0.4)}})
+    prm = BenchmarkResult("prmbench", [], {"tau": 0.5, "scoring": scoring, "data": data, "categories": {},
+                                           "overall": {"prm_score": 0.9},
+                                           "groups": {"simplicity": 0.6, "soundness": 0.7, "sensitivity": 0.8}})
+    assert our_row({"processbench": pb}) == [0.1, 0.2, 0.3, 0.4, 0.25, None, None, None, None]
+    assert our_row({"prmbench": prm})[4:] == [None, 0.6, 0.7, 0.8, 0.9]
+    md = markdown_report({"processbench": pb, "prmbench": prm}, {"checkpoint_name": "ck", "tau": 0.5})
+    assert "| **this run** (ck) | .100 | .200 | .300 | .400 | .250 | .600 | .700 | .800 | .900 |" in md
