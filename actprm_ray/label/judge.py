@@ -1,0 +1,270 @@
+"""JudgeLabeler: the shared half of the vLLM and HTTP judges (METHOD §7, §12), following label/base.py.
+
+For the selected rows of a batch:
+
+    canonicalise -> cache lookup (a hit costs nothing) -> budget.reserve(misses) -> generate -> parse
+      -> failed parses retried with a new seed, up to max_attempts (every attempt's tokens are spent)
+      -> cache put (INVALID judgements too) -> label columns
+
+Subclasses implement only `generate`, which turns prompts into Generations and never raises for a single
+row (a row-level problem is a Generation with `error` set). Non-selected rows pass through as "skipped".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from actprm_ray.data.step_format import DEFAULT_SEP, StepFormatError, labels_from_first_error
+from actprm_ray.label.base import NO_LABEL, LabelBudget, LocalBudget, empty_label_columns
+from actprm_ray.label.cache import CacheEntry, LabelCache, label_key
+from actprm_ray.label.parse import ParseResult, parse_judge_output
+from actprm_ray.label.prompt import PROMPT_VERSION, canonical_judge_input, render_judge_prompt
+
+
+@dataclass
+class HttpJudgeConfig:
+    """Settings for an OpenAI-compatible /v1/chat/completions judge (used when JudgeConfig.backend == "http")."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"  # endpoint root; "/chat/completions" is appended
+    model: str = ""  # model name sent in the request; "" = JudgeConfig.model
+    api_key_env: str = ""  # NAME of the env var holding the API key ("" = no auth); the key is never logged
+    qps: float = 4.0  # max requests started per second, over all threads of one labeler replica
+    max_concurrency: int = 8  # requests in flight at once per labeler replica
+    timeout_s: float = 600.0  # per-request timeout (a reasoning judge can think for minutes)
+    max_retries: int = 5  # retries per request after 429 / 5xx / timeout / connection error (0 = no retry)
+    backoff_s: float = 1.0  # first retry delay; doubles each retry (a Retry-After header wins when larger)
+    max_backoff_s: float = 60.0  # cap on one retry delay
+
+
+@dataclass
+class JudgeConfig:
+    """One judge: which model, how it samples, how its output is parsed, cached and retried."""
+
+    judge_id: str = "qwq-32b"  # stable name of the judge; part of the cache key and of label_source
+    backend: str = "vllm"  # "vllm" (in-process engine per actor) | "http" (OpenAI-compatible endpoint)
+    model: str = "Qwen/QwQ-32B"  # HF id or local dir (vllm); default request model name (http)
+    prompt_version: str = PROMPT_VERSION  # part of the cache key; bump with any prompt change
+    temperature: float = 0.5  # METHOD §7; use 0.0 (greedy) when benchmarking the judge itself
+    top_p: float = 0.95
+    max_tokens: int = 8192  # new tokens per critique (thinking included); clamped to the context left
+    seed: int = 0  # base seed; each (row, attempt) draws its own seed from it and the cache key
+    guided: bool = False  # constrain the critique to the tag grammar (vLLM structured outputs)
+    guided_max_analysis_chars: Optional[int] = None  # bound on each <analysis_j> body when guided (None = none)
+    reasoning_parser: str = ""  # vLLM reasoning parser ("deepseek_r1" for QwQ): guidance starts after </think>
+    strict: bool = False  # a conclusion naming another paragraph than the last analysis is INVALID
+    max_attempts: int = 1  # judge calls per row while the parse fails (paper: one sample per trajectory)
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine (QwQ-32B in bf16: 2 or 4)
+    dtype: str = "auto"  # vLLM dtype; "float32" on CPU
+    max_model_len: Optional[int] = None  # vLLM context length (None = the model's)
+    gpu_memory_utilization: float = 0.9  # vLLM share of GPU memory for weights + KV cache
+    enforce_eager: bool = False  # skip CUDA graphs (required on CPU; faster start-up for short runs)
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, passed as given
+    cache_path: Optional[str] = None  # SQLite label cache file (None = no cache)
+    sep: str = DEFAULT_SEP  # PRM step separator, removed from the text before judging (as for the PRM input)
+    http: HttpJudgeConfig = field(default_factory=HttpJudgeConfig)
+
+
+@dataclass
+class Generation:
+    """One judge call's result. `error` set = the call itself failed (no critique): not parsed, not cached."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str = ""  # "stop" | "length" | ... as the engine reports it
+    error: Optional[str] = None
+
+
+def judgement_params(config: JudgeConfig) -> dict:
+    """Everything besides the text, judge and prompt that decides a stored judgement (goes into the key).
+
+    max_attempts is left out on purpose: a cached failure with fewer attempts than the current max_attempts is
+    re-judged (see JudgeLabeler), so raising max_attempts never throws away good labels.
+    """
+    params = dict(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+                  seed=config.seed, guided=config.guided, strict=config.strict)
+    if config.guided:
+        params.update(guided_max_analysis_chars=config.guided_max_analysis_chars,
+                      reasoning_parser=config.reasoning_parser)
+    return params
+
+
+def attempt_seed(key: str, attempt: int) -> int:
+    """A per-(row, attempt) seed: independent of batch composition, new for every retry, stable across reruns."""
+    return int(hashlib.sha256(f"{key}/{attempt}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass
+class _Row:
+    index: int
+    question: str
+    steps: list[str]
+    key: str
+    prior: Optional[CacheEntry] = None  # a cached failure being retried
+    attempts: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    text: str = ""
+    result: Optional[ParseResult] = None
+    call_error: Optional[str] = None
+
+
+class JudgeLabeler:
+    """Base class of the judge labelers; a Ray Data stage: `JudgeLabeler(config)`, then `labeler(batch)`.
+
+    Args:
+        config: the judge settings.
+        budget: shared label/token caps (a Ray actor handle in a run); default an unlimited LocalBudget.
+        cache: a LabelCache; default one at config.cache_path, or none when that is None.
+    """
+
+    source_prefix = "judge"
+
+    def __init__(self, config: JudgeConfig, budget: LabelBudget | None = None, cache: LabelCache | None = None):
+        self.config = config
+        self.budget = budget if budget is not None else LocalBudget()
+        self.cache = cache if cache is not None else (LabelCache(config.cache_path) if config.cache_path else None)
+        self.source = f"{self.source_prefix}:{config.judge_id}"
+        self.params = judgement_params(config)
+        self.stats: Counter = Counter()  # this replica's totals: requests, tokens, hits, outcomes
+
+    def generate(self, prompts: list[str], seeds: list[int], num_steps: list[int]) -> list[Generation]:
+        """One Generation per prompt, in order. `num_steps` lets a guided backend build each row's grammar."""
+        raise NotImplementedError
+
+    def key_for(self, question: str, steps: list[str]) -> str:
+        return label_key(question, steps, self.config.judge_id, self.config.prompt_version, self.params)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        out = empty_label_columns(n)
+        rows: list[_Row] = []
+        for i in range(n):
+            if not bool(batch["selected"][i]):
+                continue
+            try:
+                q, steps = canonical_judge_input(batch["question"][i], batch["steps"][i], self.config.sep)
+            except StepFormatError as e:
+                # Not sent to the judge, so it costs no label; the pipeline routes it to the outcome table.
+                out["label_status"][i], out["label_reason"][i] = "failed", f"invalid input: {e}"
+                self.stats["invalid_input"] += 1
+                continue
+            rows.append(_Row(index=i, question=q, steps=steps, key=self.key_for(q, steps)))
+
+        cached = self.cache.get_many([r.key for r in rows]) if self.cache is not None and rows else {}
+        misses = []
+        for r in rows:
+            entry = cached.get(r.key)
+            if entry is None:
+                misses.append(r)
+            elif entry.status == "failed" and entry.attempts < self.config.max_attempts:
+                r.prior = entry  # an earlier run gave up sooner (smaller max_attempts or budget): keep trying
+                misses.append(r)
+            else:
+                self._fill_from_cache(out, r, entry)
+
+        granted = self.budget.reserve(len(misses)) if misses else 0
+        for r in misses[granted:]:
+            out["label_status"][r.index], out["label_reason"][r.index] = "over_budget", "label budget exhausted"
+            self.stats["over_budget"] += 1
+        judged = misses[:granted]
+        if judged:
+            self._judge(judged)
+            self._fill_judged(out, judged)
+            if self.cache is not None:
+                self.cache.put_many([self._entry(r) for r in judged if r.call_error is None])
+        return {**batch, **out}
+
+    def _judge(self, rows: list[_Row]) -> None:
+        """Call the judge until each row parses or runs out of attempts; one generate() call per round."""
+        pending, first_round = rows, True
+        while pending:
+            if not first_round and self.budget.exhausted():
+                for r in pending:
+                    r.result.reason += "; not retried: budget exhausted"
+                break
+            prompts = [render_judge_prompt(r.question, r.steps) for r in pending]
+            seeds = [attempt_seed(r.key, self._done_attempts(r)) for r in pending]
+            gens = self.generate(prompts, seeds, [len(r.steps) for r in pending])
+            if len(gens) != len(pending):
+                raise RuntimeError(f"generate returned {len(gens)} results for {len(pending)} prompts")
+            self.stats["generate_calls"] += 1
+            retry = []
+            for r, g in zip(pending, gens):
+                r.attempts += 1
+                r.prompt_tokens += g.prompt_tokens
+                r.generated_tokens += g.generated_tokens
+                self.budget.spend_tokens(g.prompt_tokens, g.generated_tokens)
+                self.stats["requests"] += 1
+                self.stats["prompt_tokens"] += g.prompt_tokens
+                self.stats["generated_tokens"] += g.generated_tokens
+                if g.error is not None:
+                    # The backend already retried transport errors; a judge that cannot be reached is not
+                    # an INVALID judgement, so it is neither re-sampled nor cached.
+                    r.call_error = g.error
+                    continue
+                r.text = g.text
+                r.result = parse_judge_output(g.text, len(r.steps), strict=self.config.strict)
+                if not r.result.ok and g.finish_reason == "length":
+                    r.result.reason += " (output cut at max_tokens)"
+                if not r.result.ok and self._done_attempts(r) < self.config.max_attempts:
+                    retry.append(r)
+            pending, first_round = retry, False
+
+    @staticmethod
+    def _done_attempts(r: _Row) -> int:
+        return r.attempts + (r.prior.attempts if r.prior is not None else 0)
+
+    def _fill_judged(self, out: dict[str, np.ndarray], rows: list[_Row]) -> None:
+        for r in rows:
+            i = r.index
+            out["label_source"][i], out["label_key"][i] = self.source, r.key
+            out["judge_prompt_tokens"][i], out["judge_tokens"][i] = r.prompt_tokens, r.generated_tokens
+            out["label_attempts"][i] = r.attempts
+            if r.call_error is not None:
+                out["label_status"][i], out["label_reason"][i] = "failed", r.call_error
+                self.stats["failed"] += 1
+                self.stats["call_errors"] += 1
+            elif r.result.ok:
+                out["label_status"][i], out["first_error_step"][i] = "ok", r.result.first_error_step
+                out["hard_labels"][i] = list(r.result.hard_labels)
+                self.stats["ok"] += 1
+                self.stats["mismatch"] += int(r.result.mismatch)
+            else:
+                out["label_status"][i], out["label_reason"][i] = "failed", r.result.reason
+                self.stats["failed"] += 1
+
+    def _fill_from_cache(self, out: dict[str, np.ndarray], r: _Row, entry: CacheEntry) -> None:
+        i = r.index
+        out["label_key"][i], out["label_source"][i], out["label_cache_hit"][i] = r.key, entry.source, True
+        self.stats["cache_hits"] += 1
+        if entry.status == "ok":
+            out["label_status"][i], out["first_error_step"][i] = "ok", entry.k
+            out["hard_labels"][i] = labels_from_first_error(entry.k, len(r.steps))
+            self.stats["ok"] += 1
+        else:
+            out["label_status"][i], out["label_reason"][i] = "failed", entry.reason
+            self.stats["failed"] += 1
+
+    def _entry(self, r: _Row) -> CacheEntry:
+        ok = r.result.ok
+        prior_p = r.prior.prompt_tokens if r.prior is not None else 0
+        prior_g = r.prior.generated_tokens if r.prior is not None else 0
+        return CacheEntry(
+            key=r.key,
+            status="ok" if ok else "failed",
+            k=r.result.first_error_step if ok else NO_LABEL,
+            reason=r.result.reason,
+            critique=r.text,
+            source=self.source,
+            num_steps=len(r.steps),
+            prompt_tokens=prior_p + r.prompt_tokens,
+            generated_tokens=prior_g + r.generated_tokens,
+            attempts=self._done_attempts(r),
+            mismatch=r.result.mismatch,
+        )

