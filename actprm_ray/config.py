@@ -10,12 +10,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
+from actprm_ray.label.prompt import PROMPT_VERSION
 
 
 @dataclass
@@ -105,32 +106,50 @@ class PipelineConfig:
 
 
 @dataclass
+class HttpJudgeConfig:
+    """Settings for an OpenAI-compatible /v1/chat/completions judge (labeler.kind=http)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"  # endpoint root; "/chat/completions" is appended
+    model: str = ""  # model name sent in the request; "" = JudgeConfig.model
+    api_key_env: str = ""  # NAME of the env var holding the API key ("" = no auth); the key is never logged
+    qps: float = 4.0  # max requests started per second, over all threads of one labeler replica
+    max_concurrency: int = 8  # requests in flight at once per labeler replica
+    timeout_s: float = 600.0  # per-request timeout (a reasoning judge can think for minutes)
+    max_retries: int = 5  # retries per request after 429 / 5xx / timeout / connection error (0 = no retry)
+    backoff_s: float = 1.0  # first retry delay; doubles each retry (a Retry-After header wins when larger)
+    max_backoff_s: float = 60.0  # cap on one retry delay
+
+
+@dataclass
 class JudgeConfig:
-    judge_id: str = ""  # model path / name of the judge, part of the cache key
-    temperature: float = 0.5
+    """One judge: which model, how it samples, how its output is parsed, cached and retried."""
+
+    judge_id: str = "qwq-32b"  # stable name of the judge; part of the cache key and of label_source
+    model: str = "Qwen/QwQ-32B"  # HF id or local dir (vllm); default request model name (http)
+    prompt_version: str = PROMPT_VERSION  # part of the cache key; bump with any prompt change
+    temperature: float = 0.5  # METHOD §7; use 0.0 (greedy) when benchmarking the judge itself
     top_p: float = 0.95
-    max_tokens: int = 8192
-    seed: int = 0
+    max_tokens: int = 8192  # new tokens per critique (thinking included); clamped to the context left
+    seed: int = 0  # base seed; each (row, attempt) draws its own seed from it and the cache key
     guided: bool = False  # constrain the critique to the tag grammar (vLLM structured outputs)
-    strict: bool = False  # treat a conclusion/analysis index mismatch as INVALID
-    max_attempts: int = 1  # judge calls per row before label_failed (each one paid)
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_model_len: int = 16384
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    base_url: str = ""  # HTTP judge: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
-    api_key_env: str = "ACTPRM_JUDGE_API_KEY"  # HTTP judge: name of the env var holding the key (never the key)
-    qps: float = 4.0
-    timeout_s: float = 600.0
-    max_retries: int = 4
-    backoff_s: float = 1.0
+    guided_max_analysis_chars: Optional[int] = None  # bound on each <analysis_j> body when guided (None = none)
+    reasoning_parser: str = ""  # vLLM reasoning parser ("deepseek_r1" for QwQ): guidance starts after </think>
+    strict: bool = False  # a conclusion naming another paragraph than the last analysis is INVALID
+    max_attempts: int = 1  # judge calls per row while the parse fails (paper: one sample per trajectory)
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine (QwQ-32B in bf16: 2 or 4)
+    dtype: str = "auto"  # vLLM dtype; "float32" on CPU
+    max_model_len: Optional[int] = None  # vLLM context length (None = the model's)
+    gpu_memory_utilization: float = 0.9  # vLLM share of GPU memory for weights + KV cache
+    enforce_eager: bool = False  # skip CUDA graphs (required on CPU; faster start-up for short runs)
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, passed as given
+    cache_path: Optional[str] = None  # SQLite label cache file (None = no cache)
+    sep: str = DEFAULT_SEP  # PRM step separator, removed from the text before judging (as for the PRM input)
+    http: HttpJudgeConfig = field(default_factory=HttpJudgeConfig)
 
 
 @dataclass
 class LabelerConfig:
-    kind: str = "oracle"  # oracle (reveal the pool's labels) | vllm | http
-    cache_path: str = ""  # label cache (SQLite); "" = <run dir>/label_cache.sqlite
+    kind: str = "oracle"  # oracle (reveal the pool's labels) | vllm (engine per labeler actor) | http (endpoint)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -205,10 +224,10 @@ def validate(cfg: Config) -> Config:
             errors.append(f"train.{name}={getattr(t, name)}: must be >= 1")
     if t.use_gpu and t.gpus_per_worker <= 0:
         errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
-    if cfg.labeler.kind == "http" and not cfg.labeler.judge.base_url:
-        errors.append("labeler.kind=http needs labeler.judge.base_url")
-    if cfg.labeler.kind in ("vllm", "http") and not cfg.labeler.judge.judge_id:
-        errors.append(f"labeler.kind={cfg.labeler.kind} needs labeler.judge.judge_id (model path or name)")
+    if cfg.labeler.kind in ("vllm", "http") and not (cfg.labeler.judge.model and cfg.labeler.judge.judge_id):
+        errors.append(f"labeler.kind={cfg.labeler.kind} needs labeler.judge.model and labeler.judge.judge_id")
+    if cfg.labeler.judge.max_attempts < 1:
+        errors.append(f"labeler.judge.max_attempts={cfg.labeler.judge.max_attempts}: must be >= 1")
     for name in ("max_labels", "max_judge_tokens"):
         v = getattr(cfg.budget, name)
         if v is not None and v < 0:

@@ -109,7 +109,7 @@ def fake_labeler(srv, mode: str, *, retries: int = 2, timeout_s: float = 5.0, **
     http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{srv.server_address[1]}/{mode}/v1", model="fake-judge",
                            qps=0, max_concurrency=4, timeout_s=timeout_s, max_retries=retries, backoff_s=0.01,
                            max_backoff_s=0.05)
-    return HttpJudgeLabeler(JudgeConfig(judge_id="fake", backend="http", http=http, **judge_kw))
+    return HttpJudgeLabeler(JudgeConfig(judge_id="fake", http=http, **judge_kw))
 
 
 def test_ok_server_gives_labels_and_usage_tokens(fake_server):
@@ -155,7 +155,7 @@ def test_client_error_is_not_retried_and_the_key_never_leaks(fake_server, monkey
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
     http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{fake_server.server_address[1]}/echo400/v1",
                            api_key_env="JUDGE_TEST_KEY", qps=0, max_retries=3, backoff_s=0.01)
-    labeler = HttpJudgeLabeler(JudgeConfig(judge_id="fake", backend="http", http=http))
+    labeler = HttpJudgeLabeler(JudgeConfig(judge_id="fake", http=http))
     before = fake_server.hits["echo400"]
     out = labeler(make_batch(1))
     assert fake_server.hits["echo400"] - before == 1 and fake_server.auth[-1] == f"Bearer {SECRET}"
@@ -259,7 +259,7 @@ def _stop_group(proc: subprocess.Popen, sig: int) -> None:
 def real_labeler(base_url: str, *, cache=None, budget=None, **judge_kw) -> HttpJudgeLabeler:
     http = HttpJudgeConfig(base_url=base_url, model="tiny-judge", qps=0, max_concurrency=4, timeout_s=60,
                            max_retries=1, backoff_s=0.1)
-    base = dict(judge_id="tiny-judge", backend="http", max_tokens=256, guided=True, guided_max_analysis_chars=24)
+    base = dict(judge_id="tiny-judge", max_tokens=256, guided=True, guided_max_analysis_chars=24)
     base.update(judge_kw)
     return HttpJudgeLabeler(JudgeConfig(http=http, **base), budget=budget, cache=cache)
 

@@ -81,6 +81,9 @@ def run_active(cfg: Config) -> dict:
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
              object_store_limit_mb=cfg.pipeline.object_store_limit_mb, block_size_kb=cfg.pipeline.block_size_kb)
 
+    if cfg.labeler.kind != "oracle" and cfg.labeler.judge.cache_path is None:
+        # Paid labels survive the run (and a resume) in the run's own cache unless a shared one is configured.
+        cfg.labeler.judge.cache_path = str(run_dir / "label_cache.sqlite")
     init_dir = prepare_initial_model(cfg, run_dir)
     pool = resolve_pool(cfg, run_dir)
     pool_ids = read_pool_ids(pool, cfg.data.limit)

@@ -549,15 +549,20 @@ def run_filter(cfg: Config, args: FilterArgs, *, torch_threads: int | None = Non
     total_rows = sum(c.rows for c in chunks)
     print(f"[filter] {len(shards)} shards ({len(done)} already done), {total_rows} rows to score in {len(chunks)} "
           f"chunks -> {args.output}", flush=True)
+    timing = {}
     if chunks:
-        _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows, torch_threads)
-
+        timing = _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows,
+                               torch_threads)
+    store.delete("_work")
     summary = _summarize(store, shards, len(done), total_rows, time.time() - started, args, model_dir, version, cfg)
+    summary["pipeline_timing"] = timing
     store.write_json("filter_summary.json", summary)
     return summary
 
 
-def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows, torch_threads) -> None:
+def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows, torch_threads) -> dict:
+    """Stream the chunks through the plan; write chunk files and finish shards as they complete. Returns timings:
+    start-up (plan start to the first finished chunk: actors, model load) and the steady rate after it."""
     import ray.data
 
     from actprm_ray.pipeline.ray_env import init_ray
@@ -580,6 +585,7 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
     left = Counter(c.shard for c in chunks)
     pieces: dict[tuple[int, int], list[pa.Table]] = defaultdict(list)
     rows_done, t0, last = 0, time.time(), time.time()
+    first_at, first_rows = None, 0
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         keys = np.stack([table.column("shard").to_numpy(), table.column("chunk").to_numpy()], axis=1)
         for s, k in {tuple(int(x) for x in row) for row in keys}:
@@ -592,6 +598,8 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
                 continue  # a chunk split over blocks (huge rows): wait for the rest
             store.write_table(f"_work/{shard_key(s)}/chunk-{k:06d}.parquet", pa.concat_tables(pieces.pop((s, k))))
             rows_done += got
+            if first_at is None:
+                first_at, first_rows = time.time(), got
             left[s] -= 1
             if left[s] == 0:
                 _finalize_shard(store, s, shards[s], n_chunks[s], args.write_all)
@@ -602,6 +610,9 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
                   f"{sum(1 for v in left.values() if v)}", flush=True)
     if pieces or any(left.values()):
         raise RuntimeError(f"pipeline ended with unfinished chunks: {sorted(pieces)[:5]}")
+    end = time.time()
+    steady = (rows_done - first_rows) / (end - first_at) if first_at is not None and end > first_at else None
+    return {"pipeline_s": end - t0, "startup_s": (first_at or end) - t0, "steady_rows_per_s": steady}
 
 
 def _summarize(store, shards, skipped, rows_this_run, wall_s, args, model_dir, version, cfg) -> dict:

@@ -119,7 +119,7 @@ def build_active_plan(cfg: Config, *, init_dir: str, coordinator_name: str, acco
                                                    seed=sel.seed),
             batch_size=p.score_batch_size, num_cpus=p.map_num_cpus))
         stages.append(StageSpec(
-            "label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind), labeler_config=cfg.labeler,
+            "label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind), labeler_config=cfg.labeler.judge,
                                       coordinator=coordinator),
             batch_size=p.label_batch_size, num_cpus=p.label_num_cpus, num_gpus=p.label_num_gpus,
             actors=(1, p.label_actors), remote_args=restart))

@@ -20,17 +20,21 @@ RAY_ENV_DEFAULTS = {
 def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0,
              object_store_limit_mb: int | None = 100, block_size_kb: int | None = 256) -> None:
     """Attach to RAY_ADDRESS when set (job submit, a running cluster), else start a local instance."""
+    attach = bool(os.environ.get("RAY_ADDRESS"))
     for k, v in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(k, v)
+        # The loopback switch is for a single-machine instance only: on a multi-node cluster it would pin the
+        # driver to 127.0.0.1, unreachable from the other nodes.
+        if not (attach and k == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+            os.environ.setdefault(k, v)
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
-        if os.environ.get("RAY_ADDRESS"):
+        if attach:
             # A submitted job already carries its runtime env (working_dir); passing another would replace it.
             ray.init()
         else:
+            runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     # Ray 2.60's V2 file reader adds a ListFiles task that always asks for 1 whole CPU; next to a 1-CPU trainer
