@@ -1,0 +1,129 @@
+"""Offline labelling (jobs/label.py): judge a selected set (e.g. the filter's retained rows) into training rows.
+
+    read rows -> mark selected -> Label (actor pool: vllm | http | oracle; cache first) -> training rows -> Parquet
+
+Resumable through the label cache: a rerun over the same rows pays zero judge tokens for rows already judged
+(successes and parse failures alike), so a killed run is simply run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from actprm_ray.config import Config, load_config, save_resolved
+from actprm_ray.data.pool import read_pool_dataset
+from actprm_ray.pipeline.active import TOKENS_PER_CRITIQUE
+from actprm_ray.pipeline.plan import StageSpec, labeler_class
+from actprm_ray.pipeline.ray_env import init_ray
+from actprm_ray.pipeline.stages import LabelStage
+
+
+@dataclass
+class LabelArgs:
+    input: str
+    output: str
+
+
+def mark_selected(batch: dict) -> dict:
+    """Rows without a `selected` column are all to be labelled; the filter's `selected` is honoured."""
+    n = len(batch["id"])
+    out = {k: batch[k] for k in ("id", "question", "steps")}
+    out["selected"] = np.asarray(batch["selected"], dtype=bool) if "selected" in batch else np.ones(n, dtype=bool)
+    k = batch.get("first_error_step")
+    out["oracle_first_error_step"] = np.asarray(k, dtype=np.int64) if k is not None else np.full(n, -2, np.int64)
+    return out
+
+
+TRAINING_ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("question", pa.string()), ("steps", pa.list_(pa.string())),
+    ("hard_labels", pa.list_(pa.int64())), ("first_error_step", pa.int64()), ("label_status", pa.string()),
+    ("label_reason", pa.string()), ("label_source", pa.string()), ("label_key", pa.string()),
+    ("label_cache_hit", pa.bool_()), ("judge_prompt_tokens", pa.int64()), ("judge_tokens", pa.int64()),
+    ("label_attempts", pa.int64()),
+])
+
+
+def to_training_rows(batch: dict) -> pa.Table:
+    """METHOD §1: steps after the first error are dropped, so len(hard_labels) == len(steps) on ok rows.
+    Returned as a typed Arrow table so every output file has the same schema."""
+    cols = {name: [] for name in TRAINING_ROW_SCHEMA.names}
+    for i in range(len(batch["id"])):
+        labels = [int(y) for y in batch["hard_labels"][i]]
+        steps = [str(s) for s in batch["steps"][i]]
+        cols["steps"].append(steps[: len(labels)] if batch["label_status"][i] == "ok" else steps)
+        cols["hard_labels"].append(labels)
+        for name in TRAINING_ROW_SCHEMA.names:
+            if name not in ("steps", "hard_labels"):
+                v = batch[name][i]
+                cols[name].append(v.item() if hasattr(v, "item") else v)
+    return pa.Table.from_pydict(cols, schema=TRAINING_ROW_SCHEMA)
+
+
+def run_label(cfg: Config, args: LabelArgs) -> dict:
+    import ray
+
+    from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
+
+    started = time.time()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, out)
+    if cfg.labeler.kind != "oracle" and cfg.labeler.judge.cache_path is None:
+        cfg.labeler.judge.cache_path = str(out / "label_cache.sqlite")
+    p = cfg.pipeline
+    init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=p.no_progress_timeout_s,
+             object_store_limit_mb=p.object_store_limit_mb, block_size_kb=p.block_size_kb)
+    name = coordinator_name(f"label-{cfg.run.name}")
+    coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(
+        cfg.budget.max_labels, cfg.budget.max_judge_tokens)
+    stage = StageSpec("label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind),
+                                                labeler_config=cfg.labeler.judge, coordinator=coordinator),
+                      batch_size=p.label_batch_size, num_cpus=p.label_num_cpus, num_gpus=p.label_num_gpus,
+                      actors=(1, p.label_actors), remote_args=dict(max_restarts=p.max_restarts,
+                                                                   max_task_retries=p.max_task_retries))
+    ds = read_pool_dataset(args.input, num_cpus=p.map_num_cpus, limit=cfg.data.limit)
+    ds = ds.map_batches(mark_selected, batch_format="numpy", num_cpus=p.map_num_cpus)
+    ds = stage.apply(ds).map_batches(to_training_rows, batch_format="numpy", num_cpus=p.map_num_cpus)  # -> Arrow
+    for old in (out / "labelled").glob("*.parquet") if (out / "labelled").exists() else []:
+        old.unlink()  # a rerun rewrites the whole set (from the cache), never appends duplicates
+    ds.write_parquet(str(out / "labelled"), ray_remote_args={"num_cpus": p.map_num_cpus})
+    budget = ray.get(coordinator.budget_state.remote())
+    ray.kill(coordinator)
+
+    t = pads.dataset(str(out / "labelled"), format="parquet").to_table(
+        columns=["label_status", "label_cache_hit", "judge_prompt_tokens", "judge_tokens"]).to_pylist()
+    status = {s: sum(1 for r in t if r["label_status"] == s) for s in ("ok", "failed", "skipped", "over_budget")}
+    paid = sum(1 for r in t if r["judge_tokens"] > 0)
+    summary = {
+        "input": args.input, "output": str(out), "rows": len(t), "status": status,
+        "cache_hits": sum(1 for r in t if r["label_cache_hit"]),
+        "judge_prompt_tokens": sum(r["judge_prompt_tokens"] for r in t),
+        "judge_generated_tokens": sum(r["judge_tokens"] for r in t),
+        "failure_rate": status["failed"] / max(1, status["ok"] + status["failed"]),
+        "cost_model_tokens_N_times_C": (status["ok"] + status["failed"]) * TOKENS_PER_CRITIQUE,
+        "rows_paid_this_run": paid, "budget": budget, "wall_time_s": time.time() - started,
+    }
+    (out / "label_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def parse_label_args(argv: list[str]) -> tuple[LabelArgs, Config]:
+    """`--input PATH --output DIR [--config FILE] [a.b=c ...]` (labeler.*, budget.*, pipeline.* overrides)."""
+    p = argparse.ArgumentParser(prog="jobs/label.py", allow_abbrev=False,
+                                description="Judge a selected set into labelled training rows (cache-backed).")
+    p.add_argument("--input", required=True, help="Parquet/JSONL rows with id, question, steps (e.g. filter retained/)")
+    p.add_argument("--output", required=True, help="output folder: labelled/*.parquet + label_summary.json")
+    p.add_argument("--config", default=None, help="YAML config file, applied before the a.b=c overrides")
+    known, rest = p.parse_known_args(argv)
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        p.error(f"unknown flags: {' '.join(flags)}")
+    return LabelArgs(input=known.input, output=known.output), load_config(known.config, rest)
