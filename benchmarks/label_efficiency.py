@@ -1,0 +1,389 @@
+"""Label efficiency at small scale (issue 7, METHOD §10): active vs random vs full-data, on CPU.
+
+    python benchmarks/label_efficiency.py            # full experiment (sized for <= 45 min on 2 idle cores)
+    python benchmarks/label_efficiency.py --quick    # CI smoke run (<= 5 min): 1 seed, tiny pool, 3 arms
+
+Every arm is one streaming run (`run_active`) over the same synthetic pool with the oracle labeler, in one
+local Ray instance. Ray Train keeps only the last 2 checkpoints, so a watcher thread copies every checkpoint's
+model dir (and the trainer state, whose `rows_trained` is the number of labels consumed so far) as it appears.
+After each run the kept checkpoints are scored on a held-out synthetic test set (a different data seed) with
+the ProcessBench protocol: prediction = first step with µ < 0.5, F1 = harmonic mean of acc_err and acc_cor.
+
+Outputs (in --out): label_efficiency.json (every evaluated point), label_efficiency.md (table), and
+label_efficiency.png (F1 vs labels, mean line per arm, min..max over seeds shaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm_ray.pipeline.active
+
+
+# --- the task ----------------------------------------------------------------------------------------------
+def task_mix():
+    """The synthetic task every arm trains and is tested on (documented in docs/RESULTS.md).
+
+    A deliberately small arithmetic world: the tiny random-init backbone (2 layers, width 64) stays at F1 = 0
+    (it predicts "all correct") for the first ~3,000 rows of the default mix (values up to 500, 3..8 steps),
+    which no CPU budget here can exceed. With start values 2..6, operands 1..3, only + and -, values <= 12 and
+    2..4 steps there are ~70 distinct equations, which it starts to learn within a few thousand rows.
+    Half the rows are correct; the error rows are arithmetic slips (weight 2), wrong operators, wrong numbers
+    and skipped steps (weight 1 each).
+    """
+    from actprm_ray.data.synthetic import SyntheticMix
+
+    return SyntheticMix(correct_share=0.5, min_steps=2, max_steps=4, boxes_share=0.0, start_range=(2, 6),
+                        box_count_range=(2, 2), box_size_range=(3, 4), add_range=(1, 3), sub_range=(1, 3),
+                        mul_range=(2, 2), div_range=(2, 2), max_value=12, op_weights={"+": 0.5, "-": 0.5},
+                        slip_max=2, error_weights={"arithmetic_slip": 2.0, "wrong_operator": 1.0,
+                                                   "wrong_number": 1.0, "skipped_step": 1.0})
+
+
+# --- plan of the experiment ---------------------------------------------------------------------------------
+@dataclass
+class Arm:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    match_rate_of: str = ""  # random arm: take selection.random_rate from this arm's measured label rate
+
+
+@dataclass
+class Plan:
+    pool_rows: int
+    test_rows: int
+    seeds: list[int]
+    arms: list[Arm]
+    n_heads: int
+    budget_fracs: list[float]
+    micro_batch: int = 8
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Optimizer steps between checkpoints: one per smallest budget step (labels = steps x micro batch)."""
+        return max(1, round(self.budget_fracs[0] * self.pool_rows / self.micro_batch))
+
+
+def make_plan(quick: bool) -> Plan:
+    """The arms. `random` is matched to the lowest label rate among the streaming active arms of the same seed
+    (at the paper thresholds a barely-trained tiny ensemble is uncertain about almost every row, so matching
+    to that arm would make random == all)."""
+    active = Arm("active", ["selection.mode=active", "selection.delta_pred=0.95", "selection.delta_std=0.005"])
+    wide = Arm("active_dp0.9_ds0.05", ["selection.mode=active", "selection.delta_pred=0.9", "selection.delta_std=0.05"])
+    rand = Arm("random", ["selection.mode=random"], match_rate_of="active*")
+    full = Arm("all", ["selection.mode=all"])
+    if quick:
+        return Plan(pool_rows=320, test_rows=100, seeds=[0], arms=[active, rand, full], n_heads=4,
+                    budget_fracs=[0.25, 0.5, 0.75, 1.0])
+    inline = Arm("active_inline", ["selection.mode=active", "selection.delta_pred=0.95", "selection.delta_std=0.005",
+                                   "selection.inline=true"])
+    return Plan(pool_rows=6000, test_rows=300, seeds=[0, 1, 2], arms=[active, wide, rand, full, inline], n_heads=8,
+                budget_fracs=[0.1 * i for i in range(1, 11)])
+
+
+# --- keeping every checkpoint -------------------------------------------------------------------------------
+class CheckpointKeeper(threading.Thread):
+    """Copy each new Ray Train checkpoint (model dir + trainer_state.json) before num_to_keep=2 deletes it."""
+
+    def __init__(self, run_dir: Path, keep_dir: Path, poll_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.run_dir, self.keep_dir, self.poll_s = run_dir, keep_dir, poll_s
+        self.stop, self.seen = threading.Event(), set()
+
+    def scan(self) -> None:
+        for ck in sorted(self.run_dir.glob("ray_train/*/checkpoint_*")):
+            if ck.name in self.seen:
+                continue
+            state, heads = ck / "trainer_state.json", ck / "model" / "heads.safetensors"
+            if not (state.is_file() and heads.is_file() and (ck / "model" / "backbone").is_dir()):
+                continue  # still being persisted
+            try:
+                sizes = _sizes(ck)
+                time.sleep(0.2)  # unchanged sizes over a short wait = the copy into storage is complete
+                if sizes != _sizes(ck):
+                    continue
+                st = json.loads(state.read_text())
+                dest = self.keep_dir / f"step{int(st['step']):06d}"
+                if not dest.exists():
+                    shutil.copytree(ck / "model", dest / "model")
+                    (dest / "trainer_state.json").write_text(json.dumps(st))
+                self.seen.add(ck.name)
+            except (OSError, ValueError, KeyError):
+                continue  # deleted or half-written under us; the next scan retries or it is gone
+
+    def run(self) -> None:
+        while not self.stop.wait(self.poll_s):
+            self.scan()
+
+
+def _sizes(d: Path) -> dict:
+    return {str(p): p.stat().st_size for p in d.rglob("*") if p.is_file()}
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------
+def evaluate_checkpoint(model_dir: Path, test_rows: list[dict], tau: float = 0.5) -> dict:
+    """ProcessBench first-error metrics of one EnsemblePRM checkpoint on the test rows."""
+    import torch
+
+    from actprm_ray.eval.metrics import first_error_metrics, first_error_prediction
+    from actprm_ray.model.ensemble_prm import EnsemblePRM
+    from actprm_ray.model.scoring import score_trajectories
+
+    model = EnsemblePRM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        scores = score_trajectories(model, model.tokenizer, test_rows, sep=model.config.sep,
+                                    system_prompt=model.config.system_prompt, batch_size=32)
+    preds = [first_error_prediction(s["step_mean"], tau) for s in scores]
+    return first_error_metrics([int(r["first_error_step"]) for r in test_rows], preds)
+
+
+def f1_at_budget(points: list[dict], labels: float) -> float | None:
+    """F1 of the last checkpoint whose labels used is <= `labels` (a step function); None before the first."""
+    best = None
+    for p in sorted(points, key=lambda p: p["labels"]):
+        if p["labels"] <= labels + 1e-9:
+            best = p["f1"]
+    return best
+
+
+def labels_to_reach(points: list[dict], target: float) -> int | None:
+    """The fewest labels at which a checkpoint's F1 reaches `target`; None if it never does."""
+    for p in sorted(points, key=lambda p: p["labels"]):
+        if p["f1"] >= target:
+            return int(p["labels"])
+    return None
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# --- one run ------------------------------------------------------------------------------------------------
+def run_arm(plan: Plan, arm: Arm, seed: int, pool_path: Path, work: Path, extra: list[str]) -> dict:
+    from actprm_ray.config import DEFAULT_CONFIG, load_config
+    from actprm_ray.pipeline.active import run_active
+
+    name = f"{arm.name}_s{seed}"
+    run_dir = work / name
+    if (run_dir / "done.json").is_file():  # a finished run is reused (rerunning the script resumes the sweep)
+        return json.loads((run_dir / "done.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a half-finished run would resume with missing checkpoints: start it over
+    steps_all = math.ceil(plan.pool_rows / plan.micro_batch)
+    overrides = [
+        f"run.name={name}", f"run.output_dir={work}", f"run.seed={seed}", f"data.pool={pool_path}",
+        f"model.init_seed={seed}", f"model.n_heads={plan.n_heads}", "model.backbone=tiny", "model.max_length=512",
+        f"selection.seed={seed}", "train.lr=3e-3", "train.publish_every=4", "train.warmup_steps=10",
+        # One LR schedule for every arm (the full-data arm's length): at equal labels every arm has seen the
+        # same learning rate, so the curves differ only by which rows were labelled.
+        f"train.total_steps={steps_all}", f"train.micro_batch_size={plan.micro_batch}",
+        f"train.checkpoint_every={plan.checkpoint_every}", "pipeline.status_every_s=30",
+        "pipeline.no_progress_timeout_s=300",
+        # Small pools of short rows fit the default 100 MB object-store budget whole: the scorer then scores the
+        # entire pool with the version-0 model before the trainer's first step (measured: lag up to 62 versions,
+        # every row selected). A tight budget and small blocks keep the scorer within a few hundred rows.
+        "pipeline.object_store_limit_mb=2", "pipeline.block_size_kb=32", *arm.overrides, *extra]
+    cfg = load_config(DEFAULT_CONFIG, overrides)
+    keeper = CheckpointKeeper(run_dir, run_dir / "kept")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keeper.start()
+    try:
+        summary = run_active(cfg)
+    finally:
+        keeper.stop.set()
+        keeper.join()
+    keeper.scan()  # the final checkpoint may land after the last poll
+    done = {"arm": arm.name, "seed": seed, "labels_used": summary["labels_used"], "label_rate": summary["label_rate"],
+            "rows_read": summary["rows_read"], "wall_time_s": summary["wall_time_s"],
+            "final_checkpoint": summary["checkpoint"], "random_rate": cfg.selection.random_rate,
+            "init_dir": str(run_dir / "init")}
+    (run_dir / "done.json").write_text(json.dumps(done))
+    return done
+
+
+def evaluate_run(run: dict, run_dir: Path, test_rows: list[dict]) -> list[dict]:
+    """F1 at labels=0 (the initial model) and at every kept checkpoint."""
+    cache = run_dir / "eval.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    points = [{"labels": 0, "step": 0, **evaluate_checkpoint(Path(run["init_dir"]), test_rows)}]
+    for d in sorted((run_dir / "kept").glob("step*")):
+        st = json.loads((d / "trainer_state.json").read_text())
+        m = evaluate_checkpoint(d / "model", test_rows)
+        points.append({"labels": int(st["rows_trained"]), "step": int(st["step"]), **m})
+    for p in points:
+        p["judge_tokens"] = p["labels"] * TOKENS_PER_CRITIQUE
+        p.pop("undefined", None)
+    cache.write_text(json.dumps(points))
+    return points
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def aggregate(plan: Plan, results: dict) -> dict:
+    """Per arm: F1 at each budget (mean/std over seeds); the headline comparisons of the issue."""
+    budgets = [round(f * plan.pool_rows) for f in plan.budget_fracs]
+    arms = {}
+    for arm, runs in results.items():
+        rows = []
+        for b in budgets:
+            vals = [f1_at_budget(r["points"], b) for r in runs]
+            # A run that stopped before this budget (active arms label < 100%) has no point there.
+            reached = [v for v, r in zip(vals, runs) if v is not None and r["run"]["labels_used"] >= b]
+            m, s = mean_std(reached) if reached else (None, None)
+            rows.append({"labels": b, "frac": b / plan.pool_rows, "f1_mean": m, "f1_std": s, "n": len(reached)})
+        finals = [r["points"][-1]["f1"] for r in runs]
+        arms[arm] = {"budgets": rows, "final_f1": mean_std(finals),
+                     "labels_used": mean_std([r["run"]["labels_used"] for r in runs]),
+                     "label_rate": mean_std([r["run"]["label_rate"] for r in runs]),
+                     "wall_time_s": mean_std([r["run"]["wall_time_s"] for r in runs])}
+    head = {}
+    if "all" in results:
+        target = arms["all"]["final_f1"][0]
+        for arm, runs in results.items():
+            # labels > 0 only: the random-init model (labels = 0) can score above a weak full-data arm by chance
+            reach = [labels_to_reach([p for p in r["points"] if p["labels"] > 0], target) for r in runs]
+            head[f"labels_to_full_f1/{arm}"] = reach
+        half = round(0.5 * plan.pool_rows)
+        pairs = [(a, "random") for a in results if a.startswith("active") and "inline" not in a]
+        pairs += [("active", "active_inline"), ("active", "all")]
+        for mine, other in pairs:
+            if mine in results and other in results:
+                diffs = []
+                for ra, rb in zip(results[mine], results[other]):
+                    a, b = f1_at_budget(ra["points"], half), f1_at_budget(rb["points"], half)
+                    if a is not None and b is not None:
+                        diffs.append(a - b)
+                head[f"{mine}_minus_{other}_at_50pct"] = mean_std(diffs) if diffs else None
+    return {"budgets": budgets, "arms": arms, "headline": head}
+
+
+def write_markdown(plan: Plan, agg: dict, path: Path) -> None:
+    names = list(agg["arms"])
+    lines = ["| labels (% of pool) | judge tokens | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for i, b in enumerate(agg["budgets"]):
+        cells = []
+        for n in names:
+            r = agg["arms"][n]["budgets"][i]
+            cells.append("—" if r["f1_mean"] is None else f"{r['f1_mean']:.3f} ± {r['f1_std']:.3f}")
+        lines.append(f"| {b} ({100 * b / plan.pool_rows:.0f}%) | {b * TOKENS_PER_CRITIQUE:,} | " + " | ".join(cells) + " |")
+    lines += ["", "| arm | labels used (mean) | label rate | final F1 (mean ± std) | wall s / run |", "|---|---|---|---|---|"]
+    for n in names:
+        a = agg["arms"][n]
+        lines.append(f"| {n} | {a['labels_used'][0]:.0f} | {a['label_rate'][0]:.3f} | "
+                     f"{a['final_f1'][0]:.3f} ± {a['final_f1'][1]:.3f} | {a['wall_time_s'][0]:.0f} |")
+    lines += ["", "Headline (per seed lists / mean, std):", ""]
+    for k, v in agg["headline"].items():
+        lines.append(f"- `{k}`: {v}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(plan: Plan, results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, runs in results.items():
+        grid = sorted({p["labels"] for r in runs for p in r["points"]})
+        ys = np.array([[f1_at_budget(r["points"], g) if g <= r["run"]["labels_used"] + 1e-9 else np.nan
+                        for g in grid] for r in runs], dtype=float)
+        ok = ~np.all(np.isnan(ys), axis=0)
+        x = np.array(grid)[ok]
+        ys = ys[:, ok]
+        line, = ax.plot(100 * x / plan.pool_rows, np.nanmean(ys, axis=0), label=arm, drawstyle="steps-post")
+        ax.fill_between(100 * x / plan.pool_rows, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), step="post",
+                        alpha=0.2, color=line.get_color())
+    if "all" in results:
+        full = np.mean([r["points"][-1]["f1"] for r in results["all"]])
+        ax.axhline(full, ls="--", color="gray", lw=0.8, label="full-data final F1")
+    ax.set_xlabel(f"labels used (% of the {plan.pool_rows}-row pool)")
+    ax.set_ylabel("ProcessBench-protocol F1 (τ=0.5), held-out synthetic")
+    ax.set_title(f"Label efficiency, tiny PRM ({len(plan.seeds)} seed(s); shade = min..max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- driver -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CI smoke size: 1 seed, 320-row pool, 3 arms")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the PNG/MD/JSON go")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "label_efficiency"), help="run directories")
+    ap.add_argument("--seeds", type=int, nargs="*", help="override the plan's seeds")
+    ap.add_argument("--arms", nargs="*", help="only these arms (random needs active)")
+    ap.add_argument("--pool-rows", type=int, help="override the pool size")
+    ap.add_argument("--report-only", action="store_true",
+                    help="start no run: evaluate and report the finished runs in --work (e.g. of a cut-short sweep)")
+    ap.add_argument("overrides", nargs="*", help="extra a.b=c config overrides for every run")
+    args = ap.parse_args(argv)
+
+    from actprm_ray.data.synthetic import generate_pool, write_pool
+    from actprm_ray.pipeline.ray_env import init_ray
+
+    plan = make_plan(args.quick)
+    if args.seeds:
+        plan.seeds = args.seeds
+    if args.pool_rows:
+        plan.pool_rows = args.pool_rows
+    if args.arms:
+        plan.arms = [a for a in plan.arms if a.name in args.arms]
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    out = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    mix = task_mix()
+    test_rows = generate_pool(plan.test_rows, seed=10_000, mix=mix)  # held out: a seed no pool uses
+    if not args.report_only:
+        init_ray(num_cpus=2, no_progress_timeout_s=300)
+    t0 = time.time()
+    results: dict[str, list] = {a.name: [] for a in plan.arms}
+    for seed in plan.seeds:
+        pool_path = work / f"pool_{plan.pool_rows}_seed{seed}.parquet"
+        if not pool_path.exists():
+            write_pool(generate_pool(plan.pool_rows, seed=seed, mix=mix), pool_path)
+        for arm in plan.arms:
+            if args.report_only and not (work / f"{arm.name}_s{seed}" / "done.json").is_file():
+                continue
+            extra = list(args.overrides)
+            if arm.match_rate_of:
+                rate = min(r["run"]["label_rate"] for a, runs in results.items() if a.startswith("active")
+                           and "inline" not in a for r in runs if r["run"]["seed"] == seed)
+                extra.append(f"selection.random_rate={rate:.4f}")
+            run = run_arm(plan, arm, seed, pool_path, work, extra)
+            points = evaluate_run(run, work / f"{arm.name}_s{seed}", test_rows)
+            results[arm.name].append({"run": run, "points": points})
+            print(f"[label_efficiency] {arm.name} seed {seed}: labels {run['labels_used']} "
+                  f"final F1 {points[-1]['f1']:.3f} ({time.time() - t0:.0f}s so far)", flush=True)
+    results = {a: runs for a, runs in results.items() if runs}
+    agg = aggregate(plan, results)
+    report = {"plan": asdict(plan), "task_mix": asdict(mix), "test_seed": 10_000, "wall_time_s": time.time() - t0,
+              "aggregate": agg, "runs": results}
+    (out / "label_efficiency.json").write_text(json.dumps(report, indent=1, default=str))
+    write_markdown(plan, agg, out / "label_efficiency.md")
+    write_plot(plan, results, out / "label_efficiency.png")
+    print(json.dumps(agg["headline"], indent=1), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""benchmarks/label_efficiency.py: pure helpers on hand-worked cases, and a --quick smoke run (structure only).
+
+The smoke run does not assert the label-efficiency effect (issue 7): only that the outputs exist, the numbers
+are finite, and the budgets / labels-used are monotone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["label_efficiency"] = mod  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+le = _module()
+
+POINTS = [{"labels": 0, "f1": 0.1}, {"labels": 40, "f1": 0.5}, {"labels": 80, "f1": 0.4}, {"labels": 120, "f1": 0.7}]
+
+
+def test_f1_at_budget_is_a_step_function():
+    assert le.f1_at_budget(POINTS, 0) == 0.1
+    assert le.f1_at_budget(POINTS, 39) == 0.1  # the 40-label checkpoint is not reached yet
+    assert le.f1_at_budget(POINTS, 40) == 0.5
+    assert le.f1_at_budget(POINTS, 100) == 0.4  # the last checkpoint within budget, not the best one
+    assert le.f1_at_budget([{"labels": 10, "f1": 0.3}], 5) is None
+
+
+def test_labels_to_reach_takes_the_first_crossing():
+    assert le.labels_to_reach(POINTS, 0.45) == 40
+    assert le.labels_to_reach(POINTS, 0.6) == 120
+    assert le.labels_to_reach(POINTS, 0.71) is None
+
+
+def test_mean_std_is_the_sample_std():
+    assert le.mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))  # ((1-2)^2 + (3-2)^2) / (2-1) = 2
+    assert le.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_checkpoint_every_lands_on_the_smallest_budget():
+    plan = le.Plan(pool_rows=1600, test_rows=10, seeds=[0], arms=[], n_heads=2, budget_fracs=[0.05, 0.1])
+    assert plan.checkpoint_every == 10  # 5% of 1600 = 80 labels = 10 steps of 8 rows
+
+
+def test_checkpoint_keeper_copies_complete_checkpoints_only(tmp_path):
+    run = tmp_path / "run"
+    done = run / "ray_train" / "x" / "checkpoint_a"
+    (done / "model" / "backbone").mkdir(parents=True)
+    (done / "model" / "heads.safetensors").write_bytes(b"h")
+    (done / "trainer_state.json").write_text(json.dumps({"step": 7, "rows_trained": 56}))
+    half = run / "ray_train" / "x" / "checkpoint_b"
+    (half / "model").mkdir(parents=True)  # no heads / state yet: still being written
+    keeper = le.CheckpointKeeper(run, run / "kept")
+    keeper.scan()
+    kept = sorted(p.name for p in (run / "kept").iterdir())
+    assert kept == ["step000007"]
+    assert json.loads((run / "kept" / "step000007" / "trainer_state.json").read_text())["rows_trained"] == 56
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quick_run_writes_finite_monotone_outputs(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("needs its own Ray instance (the benchmark starts one with num_cpus=2)")
+    try:
+        report = le.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    finally:
+        ray.shutdown()
+    out = tmp_path / "out"
+    for name in ("label_efficiency.json", "label_efficiency.md", "label_efficiency.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    agg = json.loads((out / "label_efficiency.json").read_text())["aggregate"]
+    assert agg["budgets"] == sorted(agg["budgets"]) and len(set(agg["budgets"])) == len(agg["budgets"])
+    assert set(agg["arms"]) == {"active", "random", "all"}
+    for arm, runs in report["runs"].items():
+        for r in runs:
+            labels = [p["labels"] for p in r["points"]]
+            assert labels == sorted(labels), arm
+            assert labels[0] == 0 and labels[-1] == r["run"]["labels_used"], arm
+            for p in r["points"]:
+                assert math.isfinite(p["f1"]) and 0.0 <= p["f1"] <= 1.0
+                assert p["judge_tokens"] == p["labels"] * 1920
+    assert report["runs"]["all"][0]["run"]["labels_used"] == report["plan"]["pool_rows"]
