@@ -253,6 +253,11 @@ class CarryCanonicalizeStage(CanonicalizeStage):
                     out["valid"][i], out["invalid_reason"][i] = False, str(e)
         out["num_steps_given"] = np.asarray([len(s) if isinstance(s, (list, np.ndarray)) else 0
                                              for s in batch["steps"]], dtype=np.int64)
+        # Token ids as int32 arrays: Ray pickles an object column of Python int lists element by element, which
+        # costs the next stage (the scorer) more CPU than the forward pass of a small model (B1).
+        for col in ("input_ids", "readout_positions"):
+            for i, v in enumerate(out[col]):
+                out[col][i] = np.asarray(v, dtype=np.int32)
         return out
 
 
@@ -283,6 +288,7 @@ class FilterScoreStage(ScoreStage):
                  for idx in groups.values()]
         out = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
         out["model_version"] = np.full(len(out["id"]), self.model_version, dtype=np.int64)
+        del out["input_ids"], out["readout_positions"]  # scored: nothing downstream needs the tokens
         return out
 
 
@@ -562,7 +568,8 @@ def run_filter(cfg: Config, args: FilterArgs, *, torch_threads: int | None = Non
 
 def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows, torch_threads) -> dict:
     """Stream the chunks through the plan; write chunk files and finish shards as they complete. Returns timings:
-    start-up (plan start to the first finished chunk: actors, model load) and the steady rate after it."""
+    start-up (plan start to the first finished chunk: actors, model load) and the steady rate, measured over the
+    second half of the rows so that start-up and the first chunks' queueing behind it cancel out."""
     import ray.data
 
     from actprm_ray.pipeline.ray_env import init_ray
@@ -585,7 +592,7 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
     left = Counter(c.shard for c in chunks)
     pieces: dict[tuple[int, int], list[pa.Table]] = defaultdict(list)
     rows_done, t0, last = 0, time.time(), time.time()
-    first_at, first_rows = None, 0
+    arrivals: list[tuple[float, int]] = []  # (time, rows done) after each finished chunk
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         keys = np.stack([table.column("shard").to_numpy(), table.column("chunk").to_numpy()], axis=1)
         for s, k in {tuple(int(x) for x in row) for row in keys}:
@@ -598,8 +605,7 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
                 continue  # a chunk split over blocks (huge rows): wait for the rest
             store.write_table(f"_work/{shard_key(s)}/chunk-{k:06d}.parquet", pa.concat_tables(pieces.pop((s, k))))
             rows_done += got
-            if first_at is None:
-                first_at, first_rows = time.time(), got
+            arrivals.append((time.time(), rows_done))
             left[s] -= 1
             if left[s] == 0:
                 _finalize_shard(store, s, shards[s], n_chunks[s], args.write_all)
@@ -611,8 +617,10 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
     if pieces or any(left.values()):
         raise RuntimeError(f"pipeline ended with unfinished chunks: {sorted(pieces)[:5]}")
     end = time.time()
-    steady = (rows_done - first_rows) / (end - first_at) if first_at is not None and end > first_at else None
-    return {"pipeline_s": end - t0, "startup_s": (first_at or end) - t0, "steady_rows_per_s": steady}
+    mid = next((a for a in arrivals if a[1] >= total_rows / 2), None)
+    steady = (rows_done - mid[1]) / (arrivals[-1][0] - mid[0]) if mid and arrivals[-1][0] > mid[0] else None
+    return {"pipeline_s": end - t0, "startup_s": (arrivals[0][0] if arrivals else end) - t0,
+            "steady_rows_per_s": steady}
 
 
 def _summarize(store, shards, skipped, rows_this_run, wall_s, args, model_dir, version, cfg) -> dict:
