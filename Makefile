@@ -1,7 +1,14 @@
 # The two commands of the README:  `make run` (embedded default job) and `make test` (the whole suite).
 SHELL := /bin/bash
-export RAY_USAGE_STATS_ENABLED=0 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 \
-       VLLM_HOST_IP=127.0.0.1 VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# One variable per line: `export A=1 B=2` would make A's value "1 B=2".
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := disabled
+export HF_HUB_OFFLINE := 1
+export VLLM_HOST_IP := 127.0.0.1
+export VLLM_CPU_KVCACHE_SPACE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
 VENV := .venv/bin
 
 .PHONY: setup run test test-fast
