@@ -226,6 +226,8 @@ def validate(cfg: Config) -> Config:
         errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
     if cfg.labeler.kind in ("vllm", "http") and not (cfg.labeler.judge.model and cfg.labeler.judge.judge_id):
         errors.append(f"labeler.kind={cfg.labeler.kind} needs labeler.judge.model and labeler.judge.judge_id")
+    if cfg.labeler.kind == "http" and not cfg.labeler.judge.http.base_url:
+        errors.append("labeler.kind=http needs labeler.judge.http.base_url")
     if cfg.labeler.judge.max_attempts < 1:
         errors.append(f"labeler.judge.max_attempts={cfg.labeler.judge.max_attempts}: must be >= 1")
     for name in ("max_labels", "max_judge_tokens"):

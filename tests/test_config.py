@@ -111,8 +111,8 @@ def test_validate_catches_direct_edits():
 
 
 def test_http_labeler_needs_endpoint():
-    with pytest.raises(ConfigError, match=r"labeler\.judge\.base_url"):
-        load_config(None, ["labeler.kind=http", "labeler.judge.judge_id=j"])
+    with pytest.raises(ConfigError, match=r"labeler\.judge\.http\.base_url"):
+        load_config(None, ["labeler.kind=http", "labeler.judge.judge_id=j", "labeler.judge.http.base_url="])
 
 
 def test_malformed_override_and_missing_file(tmp_path):
