@@ -170,7 +170,7 @@ def test_missing_api_key_env_is_a_config_error(monkeypatch):
     monkeypatch.delenv("JUDGE_TEST_KEY_ABSENT", raising=False)
     http = HttpJudgeConfig(api_key_env="JUDGE_TEST_KEY_ABSENT")
     with pytest.raises(ValueError, match="JUDGE_TEST_KEY_ABSENT"):
-        HttpJudgeLabeler(JudgeConfig(backend="http", http=http))
+        HttpJudgeLabeler(JudgeConfig(http=http))
 
 
 def test_separate_reasoning_is_wrapped_so_its_draft_tags_are_ignored(fake_server, tmp_path):

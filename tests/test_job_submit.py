@@ -69,7 +69,12 @@ def test_ray_job_submit_active_train(head_node, tmp_path):
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "*.parquet"]}), "--",
            "python", "jobs/active_train.py", f"run.output_dir={out}", "run.name=submitted", "data.synthetic_rows=48",
            "model.n_heads=4", "train.micro_batch_size=8", "train.checkpoint_every=2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(12):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        # The dashboard answers before its job agent registers; the CLI then fails fast with this message.
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     summary = json.loads((out / "submitted" / "summary.json").read_text())
