@@ -69,6 +69,14 @@ def test_list_shards_sorted_and_skips_hidden(pool_dir):
         list_shards(str(pool_dir / "nope"))
 
 
+def test_shards_from_a_uri_are_read_back_through_it(pool_dir):
+    uri = "file://" + str(pool_dir)
+    shards = list_shards(uri)
+    assert shards == [uri + "/a.parquet", uri + "/b.jsonl"]
+    rows = _read_all(plan_chunks(0, shards[0], chunk_rows=100) + plan_chunks(1, shards[1], chunk_rows=100))
+    assert len(rows["id"]) == 42 + 35
+
+
 def test_plan_chunks_cover_every_row_once(pool_dir):
     parquet = plan_chunks(0, str(pool_dir / "a.parquet"), chunk_rows=10)
     # 42 rows in row groups of 16, 16, 10 -> chunks of 10, 6 | 10, 6 | 10.

@@ -69,7 +69,7 @@ def test_ray_job_submit_active_train(head_node, tmp_path):
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "*.parquet"]}), "--",
            "python", "jobs/active_train.py", f"run.output_dir={out}", "run.name=submitted", "data.synthetic_rows=48",
            "model.n_heads=4", "train.micro_batch_size=8", "train.checkpoint_every=2"]
-    for _ in range(12):
+    for _ in range(48):  # up to ~4 min on a loaded machine
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         # The dashboard answers before its job agent registers; the CLI then fails fast with this message.
         if "No available agent to submit job" not in proc.stdout + proc.stderr:

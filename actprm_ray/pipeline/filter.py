@@ -99,11 +99,6 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def _uri(original: str, path: str) -> str:
-    """Turn a file-system path found under `original` back into something _filesystem() can open."""
-    return original[: original.index("://") + 3] + path.lstrip("/") if "://" in original else path
-
-
 def list_shards(uri: str) -> list[str]:
     """A Parquet/JSONL file, or every such file under a folder (recursively, hidden/underscore files skipped), sorted."""
     fs, path = _filesystem(uri)
@@ -111,13 +106,14 @@ def list_shards(uri: str) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"filter input not found: {uri}")
     if info.type == pafs.FileType.File:
-        return [_uri(uri, path) if "://" in uri else path]
+        return [uri if "://" in uri else path]
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     shards = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(SHARD_SUFFIXES)
                     and not any(part.startswith((".", "_")) for part in f.path[len(path):].split("/") if part))
     if not shards:
         raise FileNotFoundError(f"no .parquet/.jsonl shards under {uri}")
-    return [_uri(uri, s) if "://" in uri else s for s in shards]
+    # A URI shard is the input URI plus the path below it (keeps scheme, host and bucket exactly as given).
+    return [uri.rstrip("/") + s[len(path.rstrip("/")):] if "://" in uri else s for s in shards]
 
 
 def _fmt(path: str) -> str:
@@ -531,11 +527,11 @@ def run_filter(cfg: Config, args: FilterArgs, *, torch_threads: int | None = Non
     version = checkpoint_version(model_dir) if args.model_version is None else args.model_version
     shards = list_shards(args.input)
     store = _Store(args.output)
-    meta = _fingerprint(cfg, args, shards, model_dir, version)
+    meta = json.loads(json.dumps(_fingerprint(cfg, args, shards, model_dir, version)))  # as it reads back
     if store.exists("_filter_meta.json"):
         old = store.read_json("_filter_meta.json")
-        if old != json.loads(json.dumps(meta)):
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != json.loads(json.dumps(meta)).get(k))
+        if old != meta:
+            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise ValueError(f"{args.output} holds a filter run with other settings ({', '.join(diff)}); "
                              "use a new --output or delete the old one")
     else:
