@@ -36,11 +36,16 @@ def head_node(tmp_path):
     # Ray's Unix sockets live under the temp dir and must stay under ~107 characters: no pytest tmp_path here.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     port, dash = _free_port(), _free_port()
+    # Every fixed default port gets a free one: the suite's own `ray.init` cluster is alive in this process and its
+    # dashboard agent already holds the default 52365, which left this head with no job agent (CI, 800 s of retries).
+    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+        "ray-client-server-port", "object-manager-port", "node-manager-port")]
     ray_bin = str(Path(sys.executable).parent / "ray")
     # --block keeps the head in this process group: terminating it stops exactly this cluster, never others.
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"],
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
@@ -69,7 +74,7 @@ def test_ray_job_submit_active_train(head_node, tmp_path):
            "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "*.parquet"]}), "--",
            "python", "jobs/active_train.py", f"run.output_dir={out}", "run.name=submitted", "data.synthetic_rows=48",
            "model.n_heads=4", "train.micro_batch_size=8", "train.checkpoint_every=2"]
-    for _ in range(48):  # up to ~4 min on a loaded machine
+    for _ in range(36):  # up to ~3 min on a loaded machine
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         # The dashboard answers before its job agent registers; the CLI then fails fast with this message.
         if "No available agent to submit job" not in proc.stdout + proc.stderr:
