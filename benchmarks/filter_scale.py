@@ -80,13 +80,14 @@ def make_pool(n: int, shard_rows: int, directory: Path, seed: int = 0) -> float:
     return time.perf_counter() - t
 
 
-def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_s: float) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_s: float, resume: bool = False) -> dict:
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(REPO / "jobs" / "filter.py"), "--checkpoint", str(ckpt), "--input", str(pool),
            "--output", str(out), "--chunk_rows", str(chunk_rows), "pipeline.status_every_s=60"]
-    log_path = out.parent / f"{out.name}.log"
+    log_path = out.parent / f"{out.name}{'.resumed' if resume else ''}.log"
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -102,7 +103,9 @@ def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_
     peak_rss = max(s[1] for s in mem.samples)
     peak_pss = max(s[2] for s in mem.samples)
     step = max(1, len(mem.samples) // 200)
-    return {"rows": n, "wall_s": wall, "rows_per_s": n / wall, "filter_summary_wall_s": summary["wall_time_s"],
+    scored = summary["rows_scored_this_run"]
+    return {"rows": n, "rows_scored_this_run": scored, "shards_skipped": summary["shards_skipped"], "wall_s": wall,
+            "rows_per_s": scored / wall, "filter_summary_wall_s": summary["wall_time_s"],
             "pipeline_timing": summary["pipeline_timing"], "retained": summary["retained"],
             "retained_fraction": summary["retained_fraction"], "peak_rss_gib": peak_rss / 2**30,
             "peak_pss_gib": peak_pss / 2**30, "peak_breakdown_pss_mib": [(k, v / 2**20) for k, v in mem.peak_breakdown],
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sample_s", type=float, default=2.0)
     ap.add_argument("--work", default=None, help="pools, checkpoint and outputs (default /tmp/actprm_b2[_dry])")
     ap.add_argument("--dry_run", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep an existing output (resume a killed run): only its "
+                    "unfinished shards are scored and measured")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "filter_scale.json"))
     a = ap.parse_args(argv)
     sizes = a.rows or ([200, 400] if a.dry_run else [100_000])
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in sizes:
         gen_s = make_pool(n, shard_rows, work / f"pool_{n}")
         print(f"[b2] {n} rows: pool ready ({gen_s:.0f}s to generate); filtering ...", flush=True)
-        r = run_size(n, work / f"pool_{n}", ckpt, work / f"out_{n}", chunk_rows, a.sample_s)
+        r = run_size(n, work / f"pool_{n}", ckpt, work / f"out_{n}", chunk_rows, a.sample_s, a.resume)
         r["pool_generation_s"] = gen_s
         runs.append(r)
         print(f"[b2] {n} rows: {r['wall_s']:.0f}s, peak Σ PSS {r['peak_pss_gib']:.2f} GiB", flush=True)
