@@ -7,10 +7,14 @@ reference in docs/CONFIG.md is generated from them by scripts/gen_config_doc.py)
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any, Dict, Optional
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -82,6 +86,7 @@ class TrainConfig:
     publish_every: int = 2  # optimizer steps between weight publishes (model_version += 1)
     publish: str = "full"  # full (backbone + heads) | heads (heads only; for large frozen-ish backbones, see README)
     checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints
+    checkpoints_to_keep: int = 2  # newest Ray Train checkpoints kept on storage (resume and max_failures use the last)
     max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts from the last checkpoint
     step_delay_s: float = 0.0  # test hook: sleep after each optimizer step to emulate a slow trainer
 
@@ -101,8 +106,9 @@ class PipelineConfig:
     block_size_kb: int = 256  # Ray Data target block size: the granularity of backpressure (small rows -> small blocks)
     no_progress_timeout_s: float = 60.0  # turn a resource deadlock into an error instead of a silent hang
     status_every_s: float = 10.0  # period of the one-line status print
-    max_restarts: int = 2  # actor restarts for scorer/labeler actors
-    max_task_retries: int = 2  # retries of a failed actor call
+    max_restarts: int = 2  # restarts of a dead scorer/labeler actor process (-1 = unbounded, Ray Data's own default)
+    max_task_retries: int = 2  # re-runs of a batch whose actor died mid-call, on the restarted actor (-1 = unbounded)
+    map_max_retries: int = 3  # re-runs of a read/map/write task whose worker died (-1 = unbounded, Ray Data's default)
 
 
 @dataclass
@@ -111,10 +117,10 @@ class HttpJudgeConfig:
 
     base_url: str = "http://127.0.0.1:8000/v1"  # endpoint root; "/chat/completions" is appended
     model: str = ""  # model name sent in the request; "" = JudgeConfig.model
-    api_key_env: str = ""  # NAME of the env var holding the API key ("" = no auth); the key is never logged
+    api_key_env: str = ""  # NAME of the env var holding the API key ("" = no auth); keys are never read from config
     qps: float = 4.0  # max requests started per second, over all threads of one labeler replica
     max_concurrency: int = 8  # requests in flight at once per labeler replica
-    timeout_s: float = 600.0  # per-request timeout (a reasoning judge can think for minutes)
+    timeout_s: float = 600.0  # httpx timeout per connect/read/write, not per whole answer (judges think for minutes)
     max_retries: int = 5  # retries per request after 429 / 5xx / timeout / connection error (0 = no retry)
     backoff_s: float = 1.0  # first retry delay; doubles each retry (a Retry-After header wins when larger)
     max_backoff_s: float = 60.0  # cap on one retry delay
@@ -161,11 +167,12 @@ class BudgetConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "default"  # run name; a second run with the same name resumes
+    name: str = "default"  # one plain directory name (letters, digits, . _ -); a second run with the same name resumes
     output_dir: str = "runs"  # parent of the run directory
     seed: int = 0
     local_ray: bool = True  # start a local Ray instance when none is running (the embedded default)
     ray_num_cpus: Optional[int] = None  # CPUs for that local instance (None = all)
+    allow_external_paths: bool = False  # let configured output paths (labeler.judge.cache_path) lie outside the run dir
 
 
 @dataclass
@@ -198,6 +205,56 @@ _CHOICES = {
 }
 
 
+# A run name becomes a directory, a Ray actor name and a Ray Train run name: one plain path component.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Config keys naming files a run writes; relative values are resolved against the run directory.
+OUTPUT_PATH_KEYS = ("labeler.judge.cache_path",)
+DEFAULT_LABEL_CACHE = "label_cache.sqlite"
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def resolve_output_path(value: str, directory: str | Path) -> Path:
+    """`value` taken relative to `directory` (an absolute value stays itself), normalised lexically.
+
+    Relative to the run directory, not the working directory: Ray workers do not share the driver's."""
+    return Path(os.path.normpath(Path(directory).absolute() / value))
+
+
+def _path_errors(cfg: Config) -> list[str]:
+    """run.name is one plain name; configured output paths stay inside the run directory unless allowed."""
+    if not _RUN_NAME.fullmatch(cfg.run.name):
+        return [f"run.name={cfg.run.name!r}: must be one plain name (letters, digits, '.', '_', '-', starting with a "
+                "letter or digit; no '/' or '..')"]
+    if cfg.run.allow_external_paths:
+        return []
+    base = Path(os.path.normpath(run_dir(cfg).absolute()))
+    errors = []
+    for key in OUTPUT_PATH_KEYS:
+        value = reduce(getattr, key.split("."), cfg)
+        if value and base not in resolve_output_path(value, base).parents:
+            errors.append(f"{key}={value!r} lies outside the run directory {base}: use a path inside it, or set "
+                          "run.allow_external_paths=true")
+    return errors
+
+
+def _secret_errors(cfg: Config) -> list[str]:
+    """API keys come only from the environment; these messages never echo the offending value."""
+    h = cfg.labeler.judge.http
+    errors = []
+    if h.api_key_env and not _ENV_NAME.fullmatch(h.api_key_env):
+        errors.append("labeler.judge.http.api_key_env must be the NAME of an environment variable (letters, digits, "
+                      "'_'), not the key itself")
+    url = urlsplit(h.base_url)
+    if url.username or url.password:
+        errors.append("labeler.judge.http.base_url carries credentials: put the key in the environment variable "
+                      "named by labeler.judge.http.api_key_env")
+    return errors
+
+
 def validate(cfg: Config) -> Config:
     """Semantic checks OmegaConf cannot express; every problem is reported in one ConfigError."""
     errors = []
@@ -228,6 +285,12 @@ def validate(cfg: Config) -> Config:
         errors.append(f"labeler.kind={cfg.labeler.kind} needs labeler.judge.model and labeler.judge.judge_id")
     if cfg.labeler.kind == "http" and not cfg.labeler.judge.http.base_url:
         errors.append("labeler.kind=http needs labeler.judge.http.base_url")
+    errors += _path_errors(cfg) + _secret_errors(cfg)
+    if t.checkpoints_to_keep < 1:
+        errors.append(f"train.checkpoints_to_keep={t.checkpoints_to_keep}: must be >= 1")
+    for name in ("max_restarts", "max_task_retries", "map_max_retries"):
+        if getattr(cfg.pipeline, name) < -1:
+            errors.append(f"pipeline.{name}={getattr(cfg.pipeline, name)}: must be >= 0, or -1 for unbounded")
     if cfg.labeler.judge.max_attempts < 1:
         errors.append(f"labeler.judge.max_attempts={cfg.labeler.judge.max_attempts}: must be >= 1")
     for name in ("max_labels", "max_judge_tokens"):

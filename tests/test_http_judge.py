@@ -11,7 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -20,12 +22,19 @@ import pytest
 
 from actprm_ray.label.base import LocalBudget
 from actprm_ray.label.cache import LabelCache
-from actprm_ray.label.http_judge import HttpJudgeLabeler, RateLimiter
+from actprm_ray.label.http_judge import HttpJudgeLabeler, RateLimiter, _retry_after_s
 from actprm_ray.label.judge import HttpJudgeConfig, JudgeConfig
 
 SECRET = "sk-test-0123456789abcdef"
 CRITIQUE = "<analysis_1>ok</analysis_1><analysis_2>3+4 is 7, not 8</analysis_2>" \
            "<conclusion>Incorrect: paragraph 2</conclusion>"
+# What a 200 answer says in the modes that test the judge's words, not the transport.
+CONTENT = {
+    "garbage": "\x00\ufffd lorem ipsum }{ <analysis_2 <conclusion Incorrect",
+    "thinkonly": "<think>Paragraph 2 looks wrong... <conclusion>Correct</conclusion> but let me re-che",
+    "outofrange": "<analysis_1>ok</analysis_1><analysis_7>bad</analysis_7>"
+                  "<conclusion>Incorrect: paragraph 7</conclusion>",
+}
 
 
 def make_batch(n: int, offset: int = 0):
@@ -46,8 +55,13 @@ def make_batch(n: int, offset: int = 0):
 
 class Misbehaving(BaseHTTPRequestHandler):
     """The first path segment picks the behaviour: ok, flaky (500 twice, then ok), always500, ratelimited (429
-    with Retry-After), hang (sleeps past the client timeout), drop (closes without answering), echo400 (400
-    echoing the Authorization header), reasoning (thinking returned apart from the answer)."""
+    with Retry-After), hang (sleeps past the client timeout), drop (closes without answering), truncated (closes
+    mid-body), echo400 (400 echoing the Authorization header), reasoning (thinking returned apart from the
+    answer), reasoningonly (thinking and no answer), retryafter / retrydate (one 429 asking for 1-2 s, as
+    seconds / as an HTTP-date, then ok), retrylong (429 asking for an hour), notjson, malformed (no choices),
+    badusage (token counts that are not numbers), and the CONTENT modes (200 with that critique).
+
+    A segment "mode~tag" behaves as "mode" with its own hit counter, for modes whose answer depends on it."""
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -65,16 +79,26 @@ class Misbehaving(BaseHTTPRequestHandler):
     def do_POST(self):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        mode = self.path.strip("/").split("/")[0]
+        key = self.path.strip("/").split("/")[0]
+        mode = key.split("~")[0]
         with srv.lock:
-            srv.hits[mode] += 1
+            srv.hits[key] += 1
             srv.bodies.append(body)
             srv.auth.append(self.headers.get("Authorization"))
-            hit = srv.hits[mode]
+            hit = srv.hits[key]
         ok = {"choices": [{"message": {"role": "assistant", "content": CRITIQUE}, "finish_reason": "stop"}],
               "usage": {"prompt_tokens": 50, "completion_tokens": 20}}
-        if mode == "ok" or (mode == "flaky" and hit > 2):
+        if mode == "ok" or (mode == "flaky" and hit > 2) or (mode in ("retryafter", "retrydate") and hit > 1):
             self._reply(200, ok)
+        elif mode in CONTENT:
+            msg = {"role": "assistant", "content": CONTENT[mode]}
+            self._reply(200, {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": ok["usage"]})
+        elif mode == "retryafter":
+            self._reply(429, {"error": "slow down"}, {"Retry-After": "1"})
+        elif mode == "retrydate":
+            self._reply(429, {"error": "slow down"}, {"Retry-After": formatdate(time.time() + 2, usegmt=True)})
+        elif mode == "retrylong":
+            self._reply(429, {"error": "slow down"}, {"Retry-After": "3600"})
         elif mode in ("flaky", "always500"):
             self._reply(500, {"error": "internal"})
         elif mode == "ratelimited":
@@ -84,11 +108,28 @@ class Misbehaving(BaseHTTPRequestHandler):
             self._reply(200, ok)
         elif mode == "drop":
             self.close_connection = True  # answer nothing; the client sees the connection close
+        elif mode == "truncated":
+            body = json.dumps(ok).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])  # half the promised body, then the socket closes
+            self.close_connection = True
+        elif mode == "notjson":
+            self._reply(200, b"<html><body>502 Bad Gateway</body></html>")
+        elif mode == "malformed":
+            self._reply(200, {"choices": [], "usage": ok["usage"]})
+        elif mode == "badusage":
+            self._reply(200, {**ok, "usage": {"prompt_tokens": "many", "completion_tokens": None}})
         elif mode == "echo400":
             self._reply(400, {"error": f"bad request from {self.headers.get('Authorization')}"})
         elif mode == "reasoning":
             msg = {"role": "assistant", "reasoning": "Draft <conclusion>Correct</conclusion>", "content": CRITIQUE}
             self._reply(200, {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": ok["usage"]})
+        elif mode == "reasoningonly":  # a reasoning model that spent max_tokens thinking: no answer at all
+            msg = {"role": "assistant", "reasoning": "Paragraph 1 <conclusion>Correct</conclusion>", "content": None}
+            self._reply(200, {"choices": [{"message": msg, "finish_reason": "length"}], "usage": ok["usage"]})
         else:
             self._reply(404, {"error": "no such mode"})
 
@@ -105,11 +146,17 @@ def fake_server():
     srv.server_close()
 
 
-def fake_labeler(srv, mode: str, *, retries: int = 2, timeout_s: float = 5.0, **judge_kw) -> HttpJudgeLabeler:
+def fake_labeler(srv, mode: str, *, retries: int = 2, timeout_s: float = 5.0, max_backoff_s: float = 0.05,
+                 budget=None, **judge_kw) -> HttpJudgeLabeler:
     http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{srv.server_address[1]}/{mode}/v1", model="fake-judge",
                            qps=0, max_concurrency=4, timeout_s=timeout_s, max_retries=retries, backoff_s=0.01,
-                           max_backoff_s=0.05)
-    return HttpJudgeLabeler(JudgeConfig(judge_id="fake", http=http, **judge_kw))
+                           max_backoff_s=max_backoff_s)
+    return HttpJudgeLabeler(JudgeConfig(judge_id="fake", http=http, **judge_kw), budget=budget)
+
+
+def fresh(mode: str) -> str:
+    """`mode` with a hit counter of its own (for modes that answer differently after the first hit)."""
+    return f"{mode}~{uuid.uuid4().hex[:8]}"
 
 
 def test_ok_server_gives_labels_and_usage_tokens(fake_server):
@@ -137,7 +184,8 @@ def test_flaky_server_is_retried_until_it_answers(fake_server):
     ("always500", "HTTP 500"),
     ("ratelimited", "HTTP 429"),
     ("hang", "timeout after 0.3s"),
-    ("drop", "connection error"),
+    ("drop", "connection error (RemoteProtocolError"),
+    ("truncated", "connection error (RemoteProtocolError"),
 ])
 def test_exhausted_retries_fail_the_row_and_the_batch_completes(fake_server, mode, words):
     before = fake_server.hits[mode]
@@ -148,6 +196,84 @@ def test_exhausted_retries_fail_the_row_and_the_batch_completes(fake_server, mod
         assert reason.startswith("http judge failed: gave up after 3 tries") and words in reason
     assert list(out["label_attempts"]) == [1, 1]  # transport failures are not re-sampled with a new seed
     assert labeler.http_stats["retries"] == 2 * 2 and fake_server.hits[mode] - before == 2 * 3
+    labeler.close()
+
+
+def test_retries_and_errors_are_counted_into_the_shared_budget(fake_server):
+    """What the run summary's "judge" section is made of: every replica's per-batch counts, via the budget."""
+    budget = LocalBudget()
+    ok = fake_labeler(fake_server, "ok", budget=budget)
+    ok(make_batch(2, offset=300))
+    failing = fake_labeler(fake_server, "always500", retries=2, budget=budget)
+    failing(make_batch(1, offset=310))
+    c = budget.counters
+    assert c["requests"] == 3 and c["ok"] == 2 and c["failed"] == 1 and c["call_errors"] == 1
+    assert c["http_posts"] == 2 + 3 and c["http_retries"] == 2 and c["http_http_500"] == 3
+    assert failing.counters()["http_retries"] == 2  # the replica's own running totals
+    ok.close()
+    failing.close()
+
+
+@pytest.mark.parametrize("mode", ["retryafter", "retrydate"])
+def test_retry_after_is_honoured_in_seconds_and_as_a_date(fake_server, mode):
+    labeler = fake_labeler(fake_server, fresh(mode), retries=2, max_backoff_s=10)  # own backoff: 0.01 s
+    t0 = time.monotonic()
+    out = labeler(make_batch(1))
+    assert out["label_status"][0] == "ok" and time.monotonic() - t0 >= 0.9
+    assert labeler.http_stats["http_429"] == 1 and labeler.http_stats["retries"] == 1
+    labeler.close()
+
+
+def test_retry_after_is_capped_by_max_backoff(fake_server):
+    labeler = fake_labeler(fake_server, "retrylong", retries=1, max_backoff_s=0.05)  # the server asks for an hour
+    t0 = time.monotonic()
+    out = labeler(make_batch(1))
+    assert out["label_status"][0] == "failed" and "HTTP 429" in out["label_reason"][0]
+    assert time.monotonic() - t0 < 5
+    labeler.close()
+
+
+@pytest.mark.parametrize("value, low, high", [
+    ("2", 2, 2), ("0.5", 0.5, 0.5), ("-3", 0, 0), ("soon", 0, 0), ("", 0, 0), (30, 28, 30), (-30, 0, 0),
+])
+def test_retry_after_header_forms(value, low, high):
+    if isinstance(value, int):  # an HTTP-date this many seconds from now
+        value = formatdate(time.time() + value, usegmt=True)
+    resp = httpx.Response(429, headers={"Retry-After": value} if value else {})
+    assert low <= _retry_after_s(resp) <= high
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("garbage", "no <conclusion>"),
+    ("thinkonly", "thinking section never finished"),
+    ("reasoningonly", "thinking section never finished"),
+    ("outofrange", "paragraph 7, outside 1..3"),
+])
+def test_unusable_critiques_are_resampled_then_fail_with_the_parse_reason(fake_server, tmp_path, mode, words):
+    budget = LocalBudget()
+    labeler = fake_labeler(fake_server, mode, budget=budget, max_attempts=2, cache_path=str(tmp_path / "c.sqlite"))
+    out = labeler(make_batch(2))
+    assert list(out["label_status"]) == ["failed", "failed"] and list(out["label_attempts"]) == [2, 2]
+    assert all(words in r for r in out["label_reason"]), list(out["label_reason"])
+    assert list(out["judge_tokens"]) == [40, 40]  # both paid attempts are counted
+    assert labeler.http_stats["retries"] == 0 and budget.counters["resamples"] == 2
+    stored = labeler.cache.get_many(list(out["label_key"]))
+    assert [e.status for e in stored.values()] == ["failed", "failed"]  # paid for, so cached: a rerun pays nothing
+    labeler.close()
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("notjson", "HTTP 200 with a body that is not JSON: '<html>"),
+    ("malformed", "malformed response (IndexError"),
+    ("badusage", "malformed response (ValueError"),
+])
+def test_responses_without_the_api_shape_fail_at_once(fake_server, mode, words):
+    before = fake_server.hits[mode]
+    labeler = fake_labeler(fake_server, mode, retries=2, max_attempts=3)
+    out = labeler(make_batch(2))
+    assert list(out["label_status"]) == ["failed", "failed"] and list(out["label_attempts"]) == [1, 1]
+    assert all(r.startswith("http judge failed: ") and words in r for r in out["label_reason"])
+    assert fake_server.hits[mode] - before == 2  # a broken endpoint is not hammered: no retry, no re-sample
     labeler.close()
 
 

@@ -196,3 +196,29 @@ def test_generate_must_answer_every_prompt():
 
     with pytest.raises(RuntimeError):
         Short(cfg(), {})(make_batch(["q0"]))
+
+
+class ProcessDied(BaseException):
+    """Stands in for SIGKILL mid-batch: nothing after the raise runs (not even `except Exception`)."""
+
+
+class DiesInRoundTwo(ScriptedJudge):
+    def generate(self, prompts, seeds, num_steps):
+        if self.calls:
+            raise ProcessDied()
+        return super().generate(prompts, seeds, num_steps)
+
+
+def test_a_batch_killed_between_rounds_keeps_what_it_paid(tmp_path):
+    """Ray re-runs a batch whose actor died; every round already answered is in the cache by then."""
+    path = tmp_path / "c.sqlite"
+    dying = DiesInRoundTwo(cfg(cache_path=str(path), max_attempts=2), {"q0": [GOOD_2], "q1": [GARBAGE]})
+    with pytest.raises(ProcessDied):
+        dying(make_batch(["q0", "q1"]))
+
+    rerun = ScriptedJudge(cfg(cache_path=str(path), max_attempts=2), {"q1": [GOOD_2]}, budget=LocalBudget())
+    out = rerun(make_batch(["q0", "q1"]))
+    assert list(out["label_status"]) == ["ok", "ok"] and list(out["label_cache_hit"]) == [True, False]
+    assert len(rerun.calls) == 1 and len(rerun.calls[0][0]) == 1  # only q1's second attempt is paid again
+    assert rerun.budget.labels == 1  # the q1 retry takes one label from this run's budget
+    assert rerun.cache.get_many([out["label_key"][1]])[out["label_key"][1]].attempts == 2  # 1 before + 1 now

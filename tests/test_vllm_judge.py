@@ -6,9 +6,12 @@ label, and without guidance every row must fail with a reason (and nothing crash
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 
 import numpy as np
+import psutil
 import pytest
 
 for _name, _value in dict(HF_HUB_OFFLINE="1", VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1").items():
@@ -122,6 +125,66 @@ def test_a_batch_larger_than_one_prefill_budget(engine_labeler):
     # crashed on seeded requests ("CPU Generator does not use offset"); the labeler turns it off on CPU.
     out = engine_labeler(make_batch(16, offset=100))
     assert list(out["label_status"]) == ["ok"] * 16
+
+
+def test_an_engine_that_dies_mid_batch_is_rebuilt_and_no_row_is_paid_twice(tiny_backbone_dir):
+    """The engine's own processes die after the batch's cache lookup and label reservation."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    budget = LocalBudget()
+    labeler = VLLMJudgeLabeler(tiny_config(tiny_backbone_dir), budget=budget)
+    engine = [p for p in me.children(recursive=True) if p.pid not in before]
+    assert engine, "the engine runs in child processes"
+    first_engine_generate = labeler.llm.generate
+
+    def dying_generate(*args, **kwargs):
+        for p in engine:
+            p.kill()
+        psutil.wait_procs(engine, timeout=30)
+        return first_engine_generate(*args, **kwargs)
+
+    labeler.llm.generate = dying_generate
+    out = labeler(make_batch(4, offset=200))
+    assert list(out["label_status"]) == ["ok"] * 4, list(out["label_reason"])
+    assert labeler.stats["engine_rebuilds"] == 1 and list(out["label_attempts"]) == [1] * 4
+    assert budget.labels == 4 and budget.counters["requests"] == 4  # reserved and paid once
+    del labeler.llm
+
+
+@pytest.mark.ray
+def test_a_labeler_actor_killed_mid_batch_is_restarted_and_its_batches_rerun(tiny_backbone_dir, ray_local, tmp_path):
+    """SIGKILL of the actor process (the engine's parent) in its first generate: Ray restarts the actor (a new
+    engine), re-runs the batches it held, every row comes out once, and the old engine's processes are gone."""
+    ray = ray_local
+    marker = tmp_path / "killed.json"
+
+    class DiesOnce(VLLMJudgeLabeler):
+        def generate(self, prompts, seeds, num_steps):
+            if not marker.exists():
+                me = psutil.Process()
+                marker.write_text(json.dumps([me.pid] + [c.pid for c in me.children(recursive=True)]))
+                os.kill(me.pid, signal.SIGKILL)
+            return super().generate(prompts, seeds, num_steps)
+
+    ctx = ray.data.DataContext.get_current()
+    saved_timeout = ctx.execution_no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = max(saved_timeout, 300)  # two engine starts on a loaded 2-core box
+    config = tiny_config(tiny_backbone_dir, cache_path=str(tmp_path / "labels.sqlite"))
+    rows = [dict(id=f"r{i}", question=f"Ann has {i} pens and gets 2 more. How many?",
+                 steps=[f"{i} + 2 = {i + 2}.", "So that is the answer."], selected=i != 5) for i in range(8)]
+    ds = ray.data.from_items(rows).map_batches(
+        DiesOnce, fn_constructor_kwargs={"config": config}, batch_size=4, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=1, max_restarts=1, max_task_retries=1)
+    try:
+        out = sorted(ds.take_all(), key=lambda r: int(r["id"][1:]))
+    finally:
+        ctx.execution_no_progress_timeout_s = saved_timeout
+    assert marker.exists(), "the actor was never killed"
+    assert [r["id"] for r in out] == [f"r{i}" for i in range(8)]
+    assert [r["label_status"] for r in out] == ["skipped" if i == 5 else "ok" for i in range(8)]
+    old = [psutil.Process(pid) for pid in json.loads(marker.read_text()) if psutil.pid_exists(pid)]
+    _, alive = psutil.wait_procs(old, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the dead actor's engine outlived it"
 
 
 @pytest.mark.ray

@@ -50,11 +50,13 @@ def read_pool_ids(path: str, limit: int | None = None) -> list[str]:
     return ids[:limit] if limit is not None else ids
 
 
-def read_pool_dataset(path: str, *, num_cpus: float, limit: int | None = None):
+def read_pool_dataset(path: str, *, num_cpus: float, limit: int | None = None, max_retries: int | None = None):
+    """The pool as a Ray Dataset; `max_retries` bounds re-runs of a read task whose worker died (None: Ray's)."""
     import ray.data
 
+    remote_args = {} if max_retries is None else {"ray_remote_args": {"max_retries": max_retries}}
     if pool_format(path) == "json":
-        ds = ray.data.read_json(path, lines=True, num_cpus=num_cpus)
+        ds = ray.data.read_json(path, lines=True, num_cpus=num_cpus, **remote_args)
     else:
-        ds = ray.data.read_parquet(path, num_cpus=num_cpus)
+        ds = ray.data.read_parquet(path, num_cpus=num_cpus, **remote_args)
     return ds.limit(limit) if limit is not None else ds

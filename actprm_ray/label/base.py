@@ -21,6 +21,7 @@ Columns a labeler writes (one value per row, for every row):
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import Protocol
 
 import numpy as np
@@ -52,6 +53,9 @@ class LabelBudget(Protocol):
 
     def exhausted(self) -> bool: ...
 
+    def add_counters(self, counters: dict[str, int]) -> None:
+        """Labeler counters (judge requests, re-samples, HTTP retries and errors by kind) for the run summary."""
+
 
 class LocalBudget:
     """In-process budget: max_labels / max_judge_tokens, None = unlimited."""
@@ -59,6 +63,7 @@ class LocalBudget:
     def __init__(self, max_labels: int | None = None, max_judge_tokens: int | None = None):
         self.max_labels, self.max_judge_tokens = max_labels, max_judge_tokens
         self.labels = self.prompt_tokens = self.generated_tokens = 0
+        self.counters: Counter = Counter()
         self._lock = threading.Lock()
 
     def reserve(self, n: int) -> int:
@@ -73,6 +78,10 @@ class LocalBudget:
         with self._lock:
             self.prompt_tokens += prompt_tokens
             self.generated_tokens += generated_tokens
+
+    def add_counters(self, counters: dict[str, int]) -> None:
+        with self._lock:
+            self.counters.update(counters)
 
     def exhausted(self) -> bool:
         over_labels = self.max_labels is not None and self.labels >= self.max_labels

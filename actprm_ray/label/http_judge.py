@@ -2,10 +2,16 @@
 a hosted reasoning model, ...), called with httpx.
 
 Per labeler replica: requests run on `max_concurrency` threads, started at most `qps` per second. A request
-that meets 429, 5xx, a timeout or a broken connection is retried up to `max_retries` times with exponential
-backoff (Retry-After honoured); any other HTTP error fails at once. A row whose request never succeeds becomes
-label_status "failed" with the reason, and the batch completes. The API key comes from the env var named in
-the config; it is sent only in the Authorization header and scrubbed from every error message we produce.
+that meets 408/425/429, 5xx, a timeout or a broken connection (refused, reset, closed mid-response) is retried
+up to `max_retries` times with exponential backoff; a Retry-After header (seconds or HTTP-date) that asks for
+longer wins, capped at `max_backoff_s`. Any other HTTP error, a 200 whose body is not JSON or a response
+without the chat-completion shape fails the row at once. A row whose request never succeeds becomes
+label_status "failed" with the reason, and the batch completes. Posts, retries and errors by kind are
+counted (`http_stats`, reported as judge counters). The API key comes from the env var named in the config;
+it is sent only in the Authorization header and scrubbed from every error message and critique we keep.
+
+`timeout_s` is httpx's per-operation timeout (connect, each read, each write), not a wall-clock bound on a
+whole response: a server that keeps trickling bytes keeps a request alive.
 
 `guided=True` sends vLLM's `structured_outputs` request field (vLLM servers only; other providers reject or
 ignore it). With a reasoning model, start the server with `--reasoning-parser` so the grammar applies after
@@ -20,6 +26,8 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 
 import httpx
 
@@ -50,10 +58,48 @@ class RateLimiter:
 
 
 def _retry_after_s(resp: httpx.Response) -> float:
-    try:
-        return max(0.0, float(resp.headers.get("retry-after", "0")))
-    except ValueError:  # an HTTP-date form; fall back to our own backoff
+    """Seconds the server asks us to wait (RFC 9110: delay-seconds or an HTTP-date); 0 when absent or unreadable."""
+    value = resp.headers.get("retry-after", "").strip()
+    if not value:
         return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0  # unreadable: our own backoff applies
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class MalformedResponse(ValueError):
+    """A 200 response without the chat-completion shape we read."""
+
+
+def _generation_from(data) -> Generation:
+    """The critique, token usage and finish reason of a chat-completion response; MalformedResponse otherwise."""
+    try:
+        choice = data["choices"][0]
+        message = choice["message"]
+        content = message.get("content") or ""
+        reasoning = message.get("reasoning") or message.get("reasoning_content") or ""
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        generated_tokens = int(usage.get("completion_tokens") or 0)
+        finish_reason = choice.get("finish_reason") or ""
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        raise MalformedResponse(f"{type(e).__name__}: {e}") from None
+    if not isinstance(content, str) or not isinstance(reasoning, str) or not isinstance(finish_reason, str):
+        raise MalformedResponse("content, reasoning and finish_reason must be strings")
+    if reasoning:
+        # Thinking returned apart from the answer; a missing answer leaves the <think> open, which the parser
+        # reports as an unfinished thought instead of reading the draft tags inside it.
+        text = f"<think>{reasoning}</think>{content}" if content else f"<think>{reasoning}"
+    else:
+        text = content
+    return Generation(text=text, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens,
+                      finish_reason=finish_reason)
 
 
 class HttpJudgeLabeler(JudgeLabeler):
@@ -88,6 +134,11 @@ class HttpJudgeLabeler(JudgeLabeler):
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.client.close()
+
+    def counters(self) -> Counter:
+        with self._stats_lock:
+            http = Counter({f"http_{k}": v for k, v in self.http_stats.items()})
+        return super().counters() + http
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -126,7 +177,7 @@ class HttpJudgeLabeler(JudgeLabeler):
             except httpx.TimeoutException as e:
                 error = f"timeout after {h.timeout_s}s ({type(e).__name__})"
                 self._count("timeouts")
-            except httpx.TransportError as e:
+            except httpx.RequestError as e:  # transport errors (refused, reset, closed mid-body) and bad encodings
                 error = f"connection error ({type(e).__name__}: {e})"
                 self._count("connection_errors")
             else:
@@ -134,6 +185,7 @@ class HttpJudgeLabeler(JudgeLabeler):
                     try:
                         return resp.json(), None
                     except ValueError:
+                        self._count("not_json")
                         snippet = resp.text[:_SNIPPET_CHARS]
                         return None, self._redact(f"HTTP 200 with a body that is not JSON: {snippet!r}")
                 error = f"HTTP {resp.status_code}: {resp.text[:_SNIPPET_CHARS]!r}"
@@ -150,28 +202,16 @@ class HttpJudgeLabeler(JudgeLabeler):
         if error is not None:
             return Generation("", 0, 0, error=f"http judge failed: {error}")
         try:
-            choice = data["choices"][0]
-            message = choice["message"]
-            content = message.get("content") or ""
-            reasoning = message.get("reasoning") or message.get("reasoning_content") or ""
-            usage = data.get("usage") or {}
-        except (KeyError, IndexError, TypeError, AttributeError):
+            gen = _generation_from(data)
+        except MalformedResponse as e:
             snippet = str(data)[:_SNIPPET_CHARS]
-            return Generation("", 0, 0, error=self._redact(f"http judge failed: malformed response {snippet!r}"))
-        if reasoning:
-            # Thinking returned apart from the answer; a missing answer leaves the <think> open, which the parser
-            # reports as an unfinished thought instead of reading the draft tags inside it.
-            text = f"<think>{reasoning}</think>{content}" if content else f"<think>{reasoning}"
-        else:
-            text = content
-        if not usage:
+            self._count("malformed")
+            return Generation("", 0, 0, error=self._redact(f"http judge failed: malformed response ({e}) {snippet!r}"))
+        if not gen.prompt_tokens and not gen.generated_tokens:
             self._count("usage_missing")
-        return Generation(
-            text=text,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            generated_tokens=int(usage.get("completion_tokens") or 0),
-            finish_reason=choice.get("finish_reason") or "",
-        )
+        # The critique is cached and logged: a server that echoes our key into it must not get it written anywhere.
+        gen.text = self._redact(gen.text)
+        return gen
 
     def generate(self, prompts: list[str], seeds: list[int], num_steps: list[int]) -> list[Generation]:
         return list(self._pool.map(self._one, prompts, seeds, num_steps))

@@ -3,8 +3,9 @@
 For the selected rows of a batch:
 
     canonicalise -> cache lookup (a hit costs nothing) -> budget.reserve(misses) -> generate -> parse
+      -> cache put after every round (INVALID judgements too)
       -> failed parses retried with a new seed, up to max_attempts (every attempt's tokens are spent)
-      -> cache put (INVALID judgements too) -> label columns
+      -> label columns
 
 Subclasses implement only `generate`, which turns prompts into Generations and never raises for a single
 row (a row-level problem is a Generation with `error` set). Non-selected rows pass through as "skipped".
@@ -98,7 +99,20 @@ class JudgeLabeler:
     def key_for(self, question: str, steps: list[str]) -> str:
         return label_key(question, steps, self.config.judge_id, self.config.prompt_version, self.params)
 
+    def counters(self) -> Counter:
+        """This replica's running totals (requests, re-samples, tokens, outcomes); backends add their own."""
+        return Counter(self.stats)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        before = self.counters()
+        out = self._label(batch)
+        # Per-batch increments go to the shared budget, so a run's summary adds up every replica's counts.
+        increments = self.counters() - before
+        if increments:
+            self.budget.add_counters(dict(increments))
+        return out
+
+    def _label(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["id"])
         out = empty_label_columns(n)
         rows: list[_Row] = []
@@ -134,8 +148,6 @@ class JudgeLabeler:
         if judged:
             self._judge(judged)
             self._fill_judged(out, judged)
-            if self.cache is not None:
-                self.cache.put_many([self._entry(r) for r in judged if r.call_error is None])
         return {**batch, **out}
 
     def _judge(self, rows: list[_Row]) -> None:
@@ -172,7 +184,15 @@ class JudgeLabeler:
                     r.result.reason += " (output cut at max_tokens)"
                 if not r.result.ok and self._done_attempts(r) < self.config.max_attempts:
                     retry.append(r)
+                    self.stats["resamples"] += 1
+            # Stored after every round, not once per batch: if this process dies later in the batch, Ray re-runs
+            # the batch and what was already paid comes from the cache (a failure so far counts as `prior`).
+            self._store([r for r in pending if r.call_error is None])
             pending, first_round = retry, False
+
+    def _store(self, rows: list[_Row]) -> None:
+        if self.cache is not None and rows:
+            self.cache.put_many([self._entry(r) for r in rows])
 
     @staticmethod
     def _done_attempts(r: _Row) -> int:

@@ -18,10 +18,14 @@ spends all max_tokens thinking still yields an unparsable (cut) critique; such r
 
 from __future__ import annotations
 
+import logging
+
 from actprm_ray.label.base import LabelBudget
 from actprm_ray.label.cache import LabelCache
 from actprm_ray.label.judge import Generation, JudgeConfig, JudgeLabeler
 from actprm_ray.label.prompt import guided_regex
+
+log = logging.getLogger(__name__)
 
 
 def _on_cpu() -> bool:
@@ -74,7 +78,29 @@ class VLLMJudgeLabeler(JudgeLabeler):
             # seed is cut by chunked prefill, and we give every request a seed. Whole-prompt prefills avoid it.
             engine_kwargs["enable_chunked_prefill"] = False
         engine_kwargs.update(config.engine_kwargs)
+        if engine_kwargs.get("trust_remote_code"):
+            # vLLM's default is off; only an explicit engine_kwargs entry turns it on, and that must be heard.
+            log.warning("!!! judge engine_kwargs.trust_remote_code=True: code shipped with %s will run in this "
+                        "process !!!", config.model)
         return LLM(**engine_kwargs)
+
+    def _run_engine(self, requests: list, params: list) -> list:
+        """llm.generate, surviving one engine death per call.
+
+        An engine whose process died (OOM kill, crash) raises EngineDeadError and stays dead; left alone, that
+        error would abort the whole Ray Data run. The dead call returned nothing, so it is repeated once on a
+        rebuilt engine: no row is paid twice and the batch's label reservation stands. A second death in the
+        same call propagates. (A death of this actor's own process is Ray's: actor restart + batch re-run.)
+        """
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            return self.llm.generate(requests, params, use_tqdm=False)
+        except EngineDeadError:
+            log.warning("judge engine for %s died mid-call; rebuilding it and repeating the call", self.config.model)
+            self.stats["engine_rebuilds"] += 1
+            self.llm = self._build_engine(self.config)
+            return self.llm.generate(requests, params, use_tqdm=False)
 
     def _encode(self, prompt: str) -> list[int]:
         """The judge's user turn through the model's own chat template, as token ids."""
@@ -114,7 +140,7 @@ class VLLMJudgeLabeler(JudgeLabeler):
             slots.append(slot)
         if requests:
             # One call for the whole batch: vLLM schedules all requests together (continuous batching).
-            for slot, out in zip(slots, self.llm.generate(requests, params, use_tqdm=False)):
+            for slot, out in zip(slots, self._run_engine(requests, params)):
                 completion = out.outputs[0]
                 results[slot] = Generation(
                     text=completion.text,

@@ -119,6 +119,8 @@ class EnsemblePRM(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         _warn_remote_code(trust_remote_code)
+        if Path(backbone_dir).is_dir():
+            require_safetensors(Path(backbone_dir))
         tokenizer = AutoTokenizer.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -222,6 +224,17 @@ def refuse_pickle_files(directory: Path) -> None:
     bad = sorted(p.name for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
     if bad:
         raise ValueError(f"refusing to load {directory}: pickle weight files {bad}; convert them to safetensors")
+
+
+def require_safetensors(directory: Path) -> None:
+    """A backbone directory must hold safetensors weights. Pickle files next to them are never read
+    (use_safetensors=True), but a directory with pickle weights only gets a clear refusal, not HF's OSError."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"refusing to load {directory}: only pickle weight files {pickles}; "
+                         "convert them to safetensors")
 
 
 def _warn_remote_code(trust_remote_code: bool) -> None:

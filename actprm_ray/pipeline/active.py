@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from actprm_ray.config import Config, save_resolved, to_dict
+from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, resolve_output_path, save_resolved, to_dict
 from actprm_ray.data.pool import read_pool_dataset, read_pool_ids, resolve_pool
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
@@ -81,9 +81,11 @@ def run_active(cfg: Config) -> dict:
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
              object_store_limit_mb=cfg.pipeline.object_store_limit_mb, block_size_kb=cfg.pipeline.block_size_kb)
 
-    if cfg.labeler.kind != "oracle" and cfg.labeler.judge.cache_path is None:
-        # Paid labels survive the run (and a resume) in the run's own cache unless a shared one is configured.
-        cfg.labeler.judge.cache_path = str(run_dir / "label_cache.sqlite")
+    if cfg.labeler.kind != "oracle":
+        # Paid labels survive the run (and a resume) in the run's own cache unless a shared one is configured;
+        # a relative path lies in the run directory (validated there), wherever the actors' working directory is.
+        cfg.labeler.judge.cache_path = str(resolve_output_path(cfg.labeler.judge.cache_path or DEFAULT_LABEL_CACHE,
+                                                               run_dir))
     init_dir = prepare_initial_model(cfg, run_dir)
     pool = resolve_pool(cfg, run_dir)
     pool_ids = read_pool_ids(pool, cfg.data.limit)
@@ -97,7 +99,8 @@ def run_active(cfg: Config) -> dict:
         cfg.budget.max_judge_tokens)
     plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
     print(f"[actprm] run dir {run_dir}\n[actprm] plan:\n{plan.describe()}", flush=True)
-    dataset = plan.apply(read_pool_dataset(pool, num_cpus=cfg.pipeline.map_num_cpus, limit=cfg.data.limit))
+    dataset = plan.apply(read_pool_dataset(pool, num_cpus=cfg.pipeline.map_num_cpus, limit=cfg.data.limit,
+                                           max_retries=cfg.pipeline.map_max_retries))
 
     status = StatusPrinter(coordinator, cfg.pipeline.status_every_s)
     status.start()
@@ -116,6 +119,8 @@ def run_active(cfg: Config) -> dict:
 
 
 def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_before) -> dict:
+    from actprm_ray.pipeline.coordinator import judge_counters
+
     rows = table.to_pylist()
     lags: Counter = Counter()
     trainer = {"redelivered": 0, "stale_reselected": 0, "empty_steps": 0}
@@ -144,6 +149,7 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
                    "judge_generated_tokens": budget["generated_tokens"],
                    "cache_hits": sum(1 for r in rows if r["label_cache_hit"]),
                    "paper_cost_model_tokens": labels_used * TOKENS_PER_CRITIQUE},
+        "judge": judge_counters(snapshot),  # judge requests, re-samples, HTTP posts/retries/errors by kind
         "trust_pct": 100.0 * counts[oc.CONFIDENT] / max(1, scored),
         "pseudo_label_accuracy": (sum(r["pseudo_label_correct"] for r in judged) / len(judged)) if judged else None,
         "model_versions_published": snapshot["version"],

@@ -81,6 +81,18 @@ class CoordinatorBudget:
     def exhausted(self) -> bool:
         return ray.get(self.handle.exhausted.remote())
 
+    def add_counters(self, counters: dict[str, int]) -> None:
+        # Waited for, so the counts are in before the batch's rows reach the driver's summary.
+        ray.get(self.handle.add.remote({f"{JUDGE_PREFIX}{k}": v for k, v in counters.items()}))
+
+
+JUDGE_PREFIX = "judge_"
+
+
+def judge_counters(snapshot: dict) -> dict:
+    """The labelers' counters from a coordinator snapshot: requests, re-samples, HTTP retries, errors by kind."""
+    return {k[len(JUDGE_PREFIX):]: int(v) for k, v in sorted(snapshot.items()) if k.startswith(JUDGE_PREFIX)}
+
 
 def coordinator_name(run_name: str) -> str:
     return f"actprm-coordinator-{run_name}"

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from actprm_ray.config import Config, load_config, save_resolved
+from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, load_config, resolve_output_path, save_resolved
 from actprm_ray.data.pool import read_pool_dataset
 from actprm_ray.pipeline.active import TOKENS_PER_CRITIQUE
-from actprm_ray.pipeline.plan import StageSpec, labeler_class
+from actprm_ray.pipeline.plan import StageSpec, actor_fault_args, labeler_class, task_fault_args
 from actprm_ray.pipeline.ray_env import init_ray
 from actprm_ray.pipeline.stages import LabelStage
 
@@ -70,14 +70,16 @@ def to_training_rows(batch: dict) -> pa.Table:
 def run_label(cfg: Config, args: LabelArgs) -> dict:
     import ray
 
-    from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
+    from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name, judge_counters
 
     started = time.time()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out)
-    if cfg.labeler.kind != "oracle" and cfg.labeler.judge.cache_path is None:
-        cfg.labeler.judge.cache_path = str(out / "label_cache.sqlite")
+    if cfg.labeler.kind != "oracle":
+        # A relative cache path lies in the output folder, wherever the actors' working directory is.
+        cfg.labeler.judge.cache_path = str(resolve_output_path(cfg.labeler.judge.cache_path or DEFAULT_LABEL_CACHE,
+                                                               out))
     p = cfg.pipeline
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=p.no_progress_timeout_s,
              object_store_limit_mb=p.object_store_limit_mb, block_size_kb=p.block_size_kb)
@@ -87,15 +89,15 @@ def run_label(cfg: Config, args: LabelArgs) -> dict:
     stage = StageSpec("label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind),
                                                 labeler_config=cfg.labeler.judge, coordinator=coordinator),
                       batch_size=p.label_batch_size, num_cpus=p.label_num_cpus, num_gpus=p.label_num_gpus,
-                      actors=(1, p.label_actors), remote_args=dict(max_restarts=p.max_restarts,
-                                                                   max_task_retries=p.max_task_retries))
-    ds = read_pool_dataset(args.input, num_cpus=p.map_num_cpus, limit=cfg.data.limit)
-    ds = ds.map_batches(mark_selected, batch_format="numpy", num_cpus=p.map_num_cpus)
-    ds = stage.apply(ds).map_batches(to_training_rows, batch_format="numpy", num_cpus=p.map_num_cpus)  # -> Arrow
+                      actors=(1, p.label_actors), remote_args=actor_fault_args(cfg))
+    retry = task_fault_args(cfg)
+    ds = read_pool_dataset(args.input, num_cpus=p.map_num_cpus, limit=cfg.data.limit, max_retries=p.map_max_retries)
+    ds = ds.map_batches(mark_selected, batch_format="numpy", num_cpus=p.map_num_cpus, **retry)
+    ds = stage.apply(ds).map_batches(to_training_rows, batch_format="numpy", num_cpus=p.map_num_cpus, **retry)  # -> Arrow
     for old in (out / "labelled").glob("*.parquet") if (out / "labelled").exists() else []:
         old.unlink()  # a rerun rewrites the whole set (from the cache), never appends duplicates
-    ds.write_parquet(str(out / "labelled"), ray_remote_args={"num_cpus": p.map_num_cpus})
-    budget = ray.get(coordinator.budget_state.remote())
+    ds.write_parquet(str(out / "labelled"), ray_remote_args={"num_cpus": p.map_num_cpus, **retry})
+    snapshot = ray.get(coordinator.snapshot.remote())
     ray.kill(coordinator)
 
     t = pads.dataset(str(out / "labelled"), format="parquet").to_table(
@@ -109,7 +111,8 @@ def run_label(cfg: Config, args: LabelArgs) -> dict:
         "judge_generated_tokens": sum(r["judge_tokens"] for r in t),
         "failure_rate": status["failed"] / max(1, status["ok"] + status["failed"]),
         "cost_model_tokens_N_times_C": (status["ok"] + status["failed"]) * TOKENS_PER_CRITIQUE,
-        "rows_paid_this_run": paid, "budget": budget, "wall_time_s": time.time() - started,
+        "rows_paid_this_run": paid, "budget": snapshot["budget"], "judge": judge_counters(snapshot),
+        "wall_time_s": time.time() - started,
     }
     (out / "label_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -93,13 +93,24 @@ def labeler_class(kind: str):
     raise ValueError(f"unknown labeler kind {kind!r}")
 
 
+def actor_fault_args(cfg: Config) -> dict:
+    """Actor stages: restart a dead actor and re-run its in-flight batch, both bounded (Ray Data: unbounded)."""
+    return dict(max_restarts=cfg.pipeline.max_restarts, max_task_retries=cfg.pipeline.max_task_retries)
+
+
+def task_fault_args(cfg: Config) -> dict:
+    """Task stages: re-run a task whose worker died, bounded (Ray Data: unbounded)."""
+    return dict(max_retries=cfg.pipeline.map_max_retries)
+
+
 def build_active_plan(cfg: Config, *, init_dir: str, coordinator_name: str, accounted: frozenset = frozenset(),
                       source: str = "pool") -> Plan:
     p, sel = cfg.pipeline, cfg.selection
-    restart = dict(max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+    restart, retry = actor_fault_args(cfg), task_fault_args(cfg)
     stages = []
     if accounted:
-        stages.append(StageSpec("drop_done", drop_accounted, fn_kwargs={"ids": accounted}, num_cpus=p.map_num_cpus))
+        stages.append(StageSpec("drop_done", drop_accounted, fn_kwargs={"ids": accounted}, num_cpus=p.map_num_cpus,
+                                remote_args=retry))
     stages.append(StageSpec(
         "canonicalize", CanonicalizeStage, dict(tokenizer_dir=init_dir, sep=cfg.model.sep,
                                                 system_prompt=cfg.model.system_prompt, max_length=cfg.model.max_length),
@@ -117,7 +128,7 @@ def build_active_plan(cfg: Config, *, init_dir: str, coordinator_name: str, acco
             "select", select_batch, fn_kwargs=dict(mode=sel.mode, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
                                                    step_threshold=sel.step_threshold, random_rate=sel.random_rate,
                                                    seed=sel.seed),
-            batch_size=p.score_batch_size, num_cpus=p.map_num_cpus))
+            batch_size=p.score_batch_size, num_cpus=p.map_num_cpus, remote_args=retry))
         stages.append(StageSpec(
             "label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind), labeler_config=cfg.labeler.judge,
                                       coordinator=coordinator),

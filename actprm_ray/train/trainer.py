@@ -41,7 +41,7 @@ def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str) ->
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str((run_dir / "ray_train").resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
         datasets={"train": dataset},
