@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from actprm_ray.eval.first_error import FORMATS  # noqa: E402
 from actprm_ray.eval.report import write_outputs  # noqa: E402
-from actprm_ray.eval.runner import BENCHMARKS, run_benchmark  # noqa: E402
+from actprm_ray.eval.runner import BENCHMARKS, MAX_EVAL_TOKENS, run_benchmark  # noqa: E402
 from actprm_ray.eval.scorers import TINY_SPECS, build_local_scorer, build_tiny_checkpoint  # noqa: E402
 
 
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(first-error sets keep correct/erroneous rows in proportion; default: all)")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-<time>)")
     p.add_argument("--batch_size", type=int, default=16, help="rows per forward pass (rows are length-sorted first)")
+    p.add_argument("--max_tokens", type=int, default=MAX_EVAL_TOKENS,
+                   help=f"rows longer than this many tokens are reported unscorable, never truncated; 0 = no cap "
+                        f"(default: {MAX_EVAL_TOKENS})")
     p.add_argument("--tau", type=float, default=0.5, help="first-error threshold τ (recorded; PRMBench always uses µ > 0.5)")
     p.add_argument("--sweep_on", default=None, help="subset to fit a τ sweep on (reported apart from the τ headline)")
     p.add_argument("--device", default=None, help="torch device for --scorer local (default: cuda if available, else cpu)")
@@ -57,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--sweep_on applies to the first-error protocol (processbench, first_error), not prmbench")
     if args.batch_size < 1:
         p.error("--batch_size must be >= 1")
+    if args.max_tokens < 0:
+        p.error("--max_tokens must be >= 0 (0 = no cap)")
     if args.checkpoint is None:
         args.checkpoint = "tiny"
         if args.limit is None:
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for bench in args.benchmark:
             res = run_benchmark(bench, scorer, data=args.data, fmt=args.format, limit=args.limit,
-                                batch_size=args.batch_size, tau=args.tau, sweep_on=args.sweep_on)
+                                batch_size=args.batch_size, tau=args.tau, sweep_on=args.sweep_on,
+                                max_tokens=args.max_tokens or None)
             results[res.benchmark] = res
     meta = {"checkpoint": str(args.checkpoint), "checkpoint_name": Path(str(args.checkpoint)).name,
             "tau": args.tau, "limit": args.limit, "batch_size": args.batch_size, "argv": sys.argv[1:] if argv is None else argv,

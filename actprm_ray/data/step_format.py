@@ -19,8 +19,12 @@ len(readout_positions) == len(labels) (after truncation) is checked on every row
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
+
+import numpy as np
 
 DEFAULT_SEP = "<extra_0>"
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -79,19 +83,59 @@ class CanonicalRow:
     sep_removed: int = 0  # how many literal separators were stripped from question + steps
 
 
-def canonicalize(question: object, steps: object, sep: str) -> CanonicalRow:
-    """Validate types, normalise and sanitise one trajectory. Raises StepFormatError with a specific reason."""
+def check_text(text: str, what: str) -> None:
+    """Reject text no reasoning trace contains: a NUL marks binary or corrupt data (and C-string consumers such
+    as judge servers may cut the text there, so the judge would read less than the PRM); an unpaired surrogate
+    is not Unicode at all and the tokenizer cannot encode it."""
+    if "\x00" in text:
+        raise StepFormatError(f"{what} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise StepFormatError(f"{what} is not valid Unicode (unpaired surrogate at character {e.start})") from None
+
+
+def parse_first_error_step(value: object) -> int | None:
+    """A row's first_error_step as an int; None when it has none: None, or NaN (how a float column, e.g. from
+    pandas, writes a missing int). Any other value must be a whole number, else StepFormatError. The range
+    depends on the steps: callers check it."""
+    if isinstance(value, np.generic):
+        value = value.item()  # a numpy scalar: judge (and name) the Python value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        raise StepFormatError(f"first_error_step must be an integer, got bool {value}")
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return int(value)
+    raise StepFormatError(f"first_error_step must be an integer, got {type(value).__name__} {value!r}")
+
+
+def check_types(question: object, steps: object) -> list:
+    """The types a trajectory needs (question a string, steps a list of strings); returns steps as a list.
+    Raises StepFormatError naming the field and the type found."""
     if not isinstance(question, str):
         raise StepFormatError(f"question must be a string, got {type(question).__name__}")
-    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+    # A mapping or set is iterable too, but its keys are not an ordered list of steps.
+    if isinstance(steps, (str, bytes, Mapping, AbstractSet)) or not hasattr(steps, "__iter__"):
         raise StepFormatError(f"steps must be a list of strings, got {type(steps).__name__}")
     steps = list(steps)
-    if not steps:
-        raise StepFormatError("steps is empty")
     for i, s in enumerate(steps):
         if not isinstance(s, str):
             raise StepFormatError(f"step {i} must be a string, got {type(s).__name__}")
+    return steps
+
+
+def canonicalize(question: object, steps: object, sep: str) -> CanonicalRow:
+    """Validate types, normalise and sanitise one trajectory. Raises StepFormatError with a specific reason."""
+    steps = check_types(question, steps)
+    if not steps:
+        raise StepFormatError("steps is empty")
+    for i, s in enumerate(steps):
+        check_text(s, f"step {i}")
+    check_text(question, "question")
     question, removed = sanitize(normalize_step(question), sep)
+    if not question.strip():
+        raise StepFormatError("question is empty after normalisation")
     clean_steps = []
     for i, s in enumerate(steps):
         s, n = sanitize(normalize_step(s), sep)

@@ -92,11 +92,13 @@ def _check_output(rows: list[dict], out: list[list[float]]) -> None:
 
 
 def score_rows(rows: list[dict], scorer: Scorer, batch_size: int = 16, *, bucket: bool = True,
-               progress_every_s: float = 30.0) -> ScoreResult:
+               progress_every_s: float = 30.0, max_tokens: int | None = None) -> ScoreResult:
     """Score every row with `scorer` in length-sorted batches; results come back in input order.
 
     Rows the canonical step format rejects (e.g. an empty step) are skipped and listed in `unscorable`,
-    never a crash; the scorer's `sep` decides what counts as a literal separator.
+    never a crash; the scorer's `sep` decides what counts as a literal separator. So are rows longer than
+    `max_tokens` (scorers that report token lengths): evaluation never truncates, and attention over a corrupt
+    megabyte-long row would run for hours or exhaust memory.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -117,6 +119,11 @@ def score_rows(rows: list[dict], scorer: Scorer, batch_size: int = 16, *, bucket
     else:
         result.length_unit = "chars"
         lengths = [len(r["question"]) + sum(len(s) for s in r["steps"]) for r in good]
+    if max_tokens is not None and result.length_unit == "tokens":
+        keep = [j for j, n in enumerate(lengths) if n <= max_tokens]
+        result.unscorable += [{"id": good[j]["id"], "reason": f"{n} tokens exceed max_tokens={max_tokens}"}
+                              for j, n in enumerate(lengths) if n > max_tokens]
+        ok, good, lengths = [ok[j] for j in keep], [good[j] for j in keep], [lengths[j] for j in keep]
     result.padding_before = padding_stats(lengths, sequential_batches(len(good), batch_size))
     batches = length_sorted_batches(lengths, batch_size) if bucket else sequential_batches(len(good), batch_size)
     result.padding_after = padding_stats(lengths, batches)

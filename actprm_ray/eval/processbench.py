@@ -40,17 +40,22 @@ def load_processbench(
     erroneous rows in proportion, each evenly spread)."""
     root = Path(root) if root is not None else default_processbench_dir()
     result = LoadResult(samples=[])
+    first_seen: dict[str, str] = {}  # id -> source of its first row: predictions and reasons are keyed by id
     for subset in subsets:
         path = require_file(root / f"{subset}.jsonl", f"ProcessBench subset {subset!r}")
         subset_samples = []
         for source, row in read_jsonl(path, result):
             require_fields(row, REQUIRED_FIELDS, source)
+            row_id = str(row["id"])
             reason = string_steps(row["steps"]) or check_first_error_label(row["label"], len(row["steps"]))
+            if not reason and row_id in first_seen:
+                reason = f"duplicate id (first at {first_seen[row_id]})"
             if reason:
                 result.skip(source, reason, row.get("id"))
                 continue
+            first_seen[row_id] = source
             subset_samples.append(
-                EvalSample(id=str(row["id"]), subset=subset, question=row["problem"], steps=row["steps"], label=row["label"])
+                EvalSample(id=row_id, subset=subset, question=row["problem"], steps=row["steps"], label=row["label"])
             )
         result.samples += stratified_spread(subset_samples, limit, key=lambda x: x.label == -1)
     result.stats = {

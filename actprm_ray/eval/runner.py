@@ -20,6 +20,9 @@ BENCHMARKS = ("processbench", "prmbench", "first_error")
 # Sweep grid for monitoring curves: 0.025 .. 0.975 (0.5 included). Never used for the headline.
 THRESHOLDS = [round(0.025 * i, 3) for i in range(1, 40)]
 MAX_SKIPPED_LISTED = 50  # metrics.json lists at most this many skipped rows; the count is always exact
+# Rows above this many tokens are unscorable (listed with the reason), not truncated: 4x the longest benchmark row
+# we know (~8k tokens), far beyond any real trajectory, so only corrupt rows hit it.
+MAX_EVAL_TOKENS = 32768
 
 
 @dataclass
@@ -117,15 +120,15 @@ def load_benchmark(benchmark: str, *, data: str | Path | None = None, fmt: str |
 
 def run_benchmark(benchmark: str, scorer: Scorer, *, data: str | Path | None = None, fmt: str | None = None,
                   limit: int | None = None, batch_size: int = 16, tau: float = 0.5,
-                  sweep_on: str | None = None) -> BenchmarkResult:
+                  sweep_on: str | None = None, max_tokens: int | None = MAX_EVAL_TOKENS) -> BenchmarkResult:
     """Load, score and evaluate one benchmark; metrics carry the data and scoring sections as well."""
     name, load = load_benchmark(benchmark, data=data, fmt=fmt, limit=limit)
     rows = [{"id": s.id, "question": s.question, "steps": s.steps} for s in load.samples]
-    scored = score_rows(rows, scorer, batch_size=batch_size)
+    scored = score_rows(rows, scorer, batch_size=batch_size, max_tokens=max_tokens)
     if benchmark == "prmbench":
         result = evaluate_prmbench(load, scored)
     else:
         result = evaluate_first_error(name, load, scored, tau=tau, sweep_on=sweep_on)
     result.metrics["data"] = _data_section(load, None if data is None else str(data))
-    result.metrics["scoring"] = {"batch_size": batch_size, **scored.summary()}
+    result.metrics["scoring"] = {"batch_size": batch_size, "max_tokens": max_tokens, **scored.summary()}
     return result

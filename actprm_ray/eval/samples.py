@@ -55,14 +55,19 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def read_jsonl(path: Path, result: LoadResult) -> Iterator[tuple[str, dict]]:
-    """Yield (source "name:line", row) for each non-blank line; undecodable lines go to result.skipped."""
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
+    """Yield (source "name:line", row) for each non-blank line; undecodable lines go to result.skipped.
+
+    Read as bytes and decoded line by line: one line that is not UTF-8 is one skipped row, not a failed file."""
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             source = f"{path.name}:{line_no}"
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                result.skip(source, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
             except json.JSONDecodeError as e:
                 result.skip(source, f"invalid JSON: {e}")
                 continue
@@ -121,7 +126,9 @@ def is_int(value: object) -> bool:
 
 def string_steps(steps: object) -> str | None:
     """None if `steps` is a non-empty list of strings, else the reason it is not."""
-    if not isinstance(steps, list) or not steps:
+    if not isinstance(steps, list):
         return f"steps must be a non-empty list, got {type(steps).__name__}"
+    if not steps:
+        return "steps is empty"
     bad = [i for i, s in enumerate(steps) if not isinstance(s, str)]
     return f"step(s) {bad} are not strings" if bad else None

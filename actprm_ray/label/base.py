@@ -132,6 +132,9 @@ class OracleLabeler:
                 continue
             k = int(batch["oracle_first_error_step"][i])
             num_steps = len(batch["steps"][i])
+            if k == NO_LABEL:
+                out["label_status"][i], out["label_reason"][i] = "failed", "row has no first_error_step to reveal"
+                continue
             try:
                 labels = labels_from_first_error(k, num_steps)
             except StepFormatError as e:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, resolve_output_path, save_resolved, to_dict
-from actprm_ray.data.pool import read_pool_dataset, read_pool_ids, resolve_pool
+from actprm_ray.data.pool import resolve_pool
+from actprm_ray.data.shards import index_pool, read_pool_rows
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
 from actprm_ray.pipeline.ray_env import init_ray
@@ -88,7 +89,8 @@ def run_active(cfg: Config) -> dict:
                                                                run_dir))
     init_dir = prepare_initial_model(cfg, run_dir)
     pool = resolve_pool(cfg, run_dir)
-    pool_ids = read_pool_ids(pool, cfg.data.limit)
+    index = index_pool(pool, limit=cfg.data.limit)  # every row's id up front: the accounting identity needs them
+    pool_ids = index.ids
     previous = oc.read_outcome_parts(run_dir / "outcomes")
     accounted = frozenset(previous.column("id").to_pylist())
     labels_before = sum(1 for o in previous.column("outcome").to_pylist() if o in (oc.TRAINED, oc.LABEL_FAILED))
@@ -99,8 +101,8 @@ def run_active(cfg: Config) -> dict:
         cfg.budget.max_judge_tokens)
     plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
     print(f"[actprm] run dir {run_dir}\n[actprm] plan:\n{plan.describe()}", flush=True)
-    dataset = plan.apply(read_pool_dataset(pool, num_cpus=cfg.pipeline.map_num_cpus, limit=cfg.data.limit,
-                                           max_retries=cfg.pipeline.map_max_retries))
+    dataset = plan.apply(read_pool_rows(index, num_cpus=cfg.pipeline.map_num_cpus,
+                                        max_retries=cfg.pipeline.map_max_retries))
 
     status = StatusPrinter(coordinator, cfg.pipeline.status_every_s)
     status.start()

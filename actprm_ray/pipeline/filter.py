@@ -16,13 +16,16 @@ inside a chunk, so each row is scored with the same neighbours in every run, wha
 A shard's outputs are moved into place before its marker is written, so a rerun with the same output skips
 exactly the finished shards and the result equals an uninterrupted run's. Memory is flat in the number of
 rows: the driver holds one chunk at a time, Ray Data's object-store budget bounds what is in flight.
+
+Bad rows (data/shards.py, CanonicalizeStage) go to invalid/ with their reason. Duplicate ids are not detected
+here: that needs every id on the driver, and the filter keeps its memory flat. Each occurrence is scored on
+its own; the label job and the loop, which account rows by id, turn later occurrences into invalid rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -35,12 +38,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from actprm_ray.config import Config, load_config
+from actprm_ray.data.shards import Chunk, filesystem, list_shards, plan_chunks, read_chunk
 from actprm_ray.pipeline.plan import Plan, StageSpec
-from actprm_ray.pipeline.stages import CanonicalizeStage, ScoreStage, SelectStage
+from actprm_ray.pipeline.stages import NO_ORACLE, CanonicalizeStage, ScoreStage, SelectStage
 
 FORMAT_VERSION = 1
-POOL_COLUMNS = ("id", "question", "steps", "first_error_step")
-SHARD_SUFFIXES = (".parquet", ".jsonl", ".json")
 CHUNK_BLOCK_BYTES = 256 * 2**20  # Ray Data block size for the filter: a whole chunk (a few MB) in one block
 
 # The retained / discarded rows: the scored-row contract of ARCHITECTURE §4 plus the thresholds that decided them.
@@ -56,7 +58,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("step_threshold", pa.float64()),
     ("std_estimator", pa.string()),  # population | unbiased
     ("selected", pa.bool_()),
-    ("first_error_step", pa.int64()),  # passed through when the pool has it (simulation), else null
+    ("first_error_step", pa.int64()),  # the pool's (simulation), cut to the visible steps like `steps`; else null
 ])
 INVALID_SCHEMA = pa.schema([("id", pa.string()), ("invalid_reason", pa.string())])
 WORK_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [("valid", pa.bool_()), ("invalid_reason", pa.string()),
@@ -75,160 +77,10 @@ class FilterArgs:
     model_version: int | None = None  # recorded on every row; None = the checkpoint's trainer_state.json, else 0
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """A fixed row range of one shard. Parquet: rows [offset, offset+rows) of a row group; JSONL: the non-blank
-    lines that start in bytes [byte_start, byte_end), the first of them on line first_line (0-based)."""
-
-    shard: int
-    chunk: int
-    path: str
-    fmt: str  # parquet | jsonl
-    rows: int
-    row_group: int = -1
-    offset: int = 0
-    byte_start: int = 0
-    byte_end: int = 0
-    first_line: int = 0
-
-
-# -- file systems -------------------------------------------------------------------------------------------------
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
-def list_shards(uri: str) -> list[str]:
-    """A Parquet/JSONL file, or every such file under a folder (recursively, hidden/underscore files skipped), sorted."""
-    fs, path = _filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"filter input not found: {uri}")
-    if info.type == pafs.FileType.File:
-        return [uri if "://" in uri else path]
-    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    shards = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(SHARD_SUFFIXES)
-                    and not any(part.startswith((".", "_")) for part in f.path[len(path):].split("/") if part))
-    if not shards:
-        raise FileNotFoundError(f"no .parquet/.jsonl shards under {uri}")
-    # A URI shard is the input URI plus the path below it (keeps scheme, host and bucket exactly as given).
-    return [uri.rstrip("/") + s[len(path.rstrip("/")):] if "://" in uri else s for s in shards]
-
-
-def _fmt(path: str) -> str:
-    return "parquet" if path.endswith(".parquet") else "jsonl"
-
-
-def plan_chunks(shard: int, path: str, chunk_rows: int) -> list[Chunk]:
-    """Split one shard into chunks of at most chunk_rows rows; reads only Parquet metadata, or scans JSONL once."""
-    fs, p = _filesystem(path)
-    chunks: list[Chunk] = []
-    if _fmt(path) == "parquet":
-        with fs.open_input_file(p) as f:
-            meta = pq.ParquetFile(f).metadata
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
-            for off in range(0, n, chunk_rows):
-                chunks.append(Chunk(shard, len(chunks), path, "parquet", min(chunk_rows, n - off), row_group=rg,
-                                    offset=off))
-        return chunks
-    start = pos = rows = line = first = 0
-    with fs.open_input_stream(p) as f:
-        for raw in _iter_lines(f):
-            if raw.strip():
-                if rows == chunk_rows:
-                    chunks.append(Chunk(shard, len(chunks), path, "jsonl", rows, byte_start=start, byte_end=pos,
-                                        first_line=first))
-                    start, rows, first = pos, 0, line
-                rows += 1
-            pos += len(raw)
-            line += 1
-    if rows:
-        chunks.append(Chunk(shard, len(chunks), path, "jsonl", rows, byte_start=start, byte_end=pos, first_line=first))
-    return chunks
-
-
-def _iter_lines(stream, block: int = 1 << 20):
-    """Binary lines (newline included) of a pyarrow input stream, read in 1 MiB blocks."""
-    rest = b""
-    while True:
-        data = stream.read(block)
-        if not data:
-            break
-        lines = (rest + data).split(b"\n")
-        rest = lines.pop()
-        for ln in lines:
-            yield ln + b"\n"
-    if rest:
-        yield rest
-
-
 # -- pipeline stages ------------------------------------------------------------------------------------------------
-def read_chunk(batch: dict) -> dict:
-    """Chunk descriptors -> pool rows (id, question, steps, first_error_step) + read_error + shard/chunk/chunk_rows.
-
-    A row that cannot be read (bad JSON, not an object, no id) still comes out, with a read_error that makes
-    it invalid downstream; its id is then `<file>#<row>` so the invalid table points at it.
-    """
-    cols: dict[str, list] = {c: [] for c in (*POOL_COLUMNS, "read_error", "shard", "chunk", "chunk_rows")}
-    for i in range(len(batch["shard"])):
-        c = Chunk(**{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()})
-        for where, rec, error in _chunk_records(c):
-            if not error and not isinstance(rec, dict):
-                error = f"row is a JSON {type(rec).__name__}, not an object"
-            rec = rec if isinstance(rec, dict) else {}
-            rid = rec.get("id")
-            if not error and (rid is None or str(rid) == ""):
-                error = "missing id"
-            fes = rec.get("first_error_step")
-            cols["id"].append(str(rid) if rid is not None and str(rid) != "" else where)
-            cols["question"].append(rec.get("question"))
-            cols["steps"].append(rec.get("steps"))
-            cols["first_error_step"].append(fes if isinstance(fes, int) and not isinstance(fes, bool) else None)
-            cols["read_error"].append(error)
-            cols["shard"].append(c.shard)
-            cols["chunk"].append(c.chunk)
-            cols["chunk_rows"].append(c.rows)
-    return {k: _obj(v) if k in ("question", "steps", "first_error_step") else np.asarray(v) for k, v in cols.items()}
-
-
-def _chunk_records(c: Chunk):
-    """(locator, record, error) for every row of a chunk."""
-    fs, p = _filesystem(c.path)
-    name = p.rsplit("/", 1)[-1]
-    if c.fmt == "parquet":
-        with fs.open_input_file(p) as f:
-            pf = pq.ParquetFile(f)
-            present = [col for col in POOL_COLUMNS if col in pf.schema_arrow.names]
-            table = pf.read_row_group(c.row_group, columns=present).slice(c.offset, c.rows)
-        first = sum(pf.metadata.row_group(g).num_rows for g in range(c.row_group)) + c.offset
-        for j, rec in enumerate(table.to_pylist()):
-            yield f"{name}#{first + j}", rec, ""
-        return
-    with fs.open_input_file(p) as f:
-        f.seek(c.byte_start)
-        data = f.read(c.byte_end - c.byte_start)
-    for j, raw in enumerate(data.split(b"\n")):
-        if not raw.strip():
-            continue
-        where = f"{name}#{c.first_line + j}"
-        try:
-            yield where, json.loads(raw), ""
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            yield where, None, f"bad JSON on line {c.first_line + j + 1}: {e.msg if hasattr(e, 'msg') else e}"
-
-
-def _obj(values) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out
-
-
 class CarryCanonicalizeStage(CanonicalizeStage):
-    """CanonicalizeStage that passes `carry` columns through unchanged, turns a `read_error` into an invalid row,
-    and adds `num_steps_given` (steps as given, before truncation; 0 if not a list).
+    """CanonicalizeStage that passes `carry` columns through unchanged and adds `num_steps_given` (steps as
+    given, before truncation; 0 if not a list).
 
     (CanonicalizeStage keeps only its own columns; the filter needs the chunk key, stage-2 training the labels.)
     """
@@ -242,11 +94,6 @@ class CarryCanonicalizeStage(CanonicalizeStage):
         for c in self.carry:
             if c in batch:
                 out[c] = batch[c]
-        errors = batch.get("read_error")
-        if errors is not None:
-            for i, e in enumerate(errors):
-                if e:
-                    out["valid"][i], out["invalid_reason"][i] = False, str(e)
         out["num_steps_given"] = np.asarray([len(s) if isinstance(s, (list, np.ndarray)) else 0
                                              for s in batch["steps"]], dtype=np.int64)
         # Token ids as int32 arrays: Ray pickles an object column of Python int lists element by element, which
@@ -294,7 +141,6 @@ def finish_chunk(batch: dict, *, mode: str, delta_pred: float, delta_std: float,
     sel = SelectStage(mode=mode, delta_pred=delta_pred, delta_std=delta_std, step_threshold=step_threshold,
                       random_rate=random_rate, seed=seed)(batch)
     n = len(sel["id"])
-    fes = sel.get("first_error_step", np.full(n, None, dtype=object))
     return pa.Table.from_pydict({
         "id": [str(x) for x in sel["id"]],
         "question": [str(q) for q in sel["question"]],
@@ -305,14 +151,12 @@ def finish_chunk(batch: dict, *, mode: str, delta_pred: float, delta_std: float,
         "delta_pred": np.full(n, delta_pred), "delta_std": np.full(n, delta_std),
         "step_threshold": np.full(n, step_threshold), "std_estimator": [std_estimator] * n,
         "selected": sel["selected"].astype(bool),
-        "first_error_step": [None if v is None or _isnan(v) else int(v) for v in fes],
+        # The validated value, cut to the visible steps (an invalid row's raw value may be anything).
+        "first_error_step": [int(k) if ok and k != NO_ORACLE else None
+                             for k, ok in zip(sel["oracle_first_error_step"], sel["valid"])],
         "valid": sel["valid"].astype(bool), "invalid_reason": [str(r) for r in sel["invalid_reason"]],
         "shard": sel["shard"].astype(np.int64), "chunk": sel["chunk"].astype(np.int64),
     }, schema=WORK_SCHEMA)
-
-
-def _isnan(v) -> bool:
-    return isinstance(v, float) and v != v
 
 
 class ChunkStage(StageSpec):
@@ -359,7 +203,7 @@ class _Store:
     """The output folder through a pyarrow file system; writes land under a temporary name and are then moved."""
 
     def __init__(self, uri: str):
-        self.fs, self.root = _filesystem(uri)
+        self.fs, self.root = filesystem(uri)
         self.fs.create_dir(self.root, recursive=True)
 
     def path(self, *parts: str) -> str:
@@ -456,7 +300,7 @@ def _fingerprint(cfg: Config, args: FilterArgs, shards: list[str], model_dir: Pa
     s = cfg.selection
     sizes = []
     for p in shards:
-        fs, q = _filesystem(p)
+        fs, q = filesystem(p)
         sizes.append(fs.get_file_info(q).size)
     return {"format_version": FORMAT_VERSION, "shards": shards, "shard_bytes": sizes, "checkpoint": str(model_dir),
             "model_version": version, "chunk_rows": args.chunk_rows, "write_all": args.write_all,
@@ -479,7 +323,7 @@ def build_filter_plan(cfg: Config, model_dir: Path, version: int, *, source: str
         # sep and system prompt come from the checkpoint: the format its heads were trained on (no skew).
         StageSpec("canonicalize", CarryCanonicalizeStage,
                   dict(tokenizer_dir=str(model_dir), sep=prm["sep"], system_prompt=prm["system_prompt"],
-                       max_length=cfg.model.max_length, carry=("shard", "chunk", "chunk_rows", "first_error_step")),
+                       max_length=cfg.model.max_length, carry=("shard", "chunk", "chunk_rows")),
                   num_cpus=p.map_num_cpus, actors=(1, max(1, p.score_actors)), remote_args=restart),
         ChunkStage("score", FilterScoreStage,
                    dict(checkpoint_dir=str(model_dir), batch_size=p.score_batch_size, dtype=cfg.model.dtype,

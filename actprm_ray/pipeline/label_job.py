@@ -1,6 +1,11 @@
 """Offline labelling (jobs/label.py): judge a selected set (e.g. the filter's retained rows) into training rows.
 
-    read rows -> mark selected -> Label (actor pool: vllm | http | oracle; cache first) -> training rows -> Parquet
+    read rows -> check + select -> Label (actor pool: vllm | http | oracle; cache first) -> training rows -> Parquet
+
+Every row read comes out as exactly one training row: a row that fails the pool-row checks (data/shards.py,
+stages.check_pool_row; a repeated id included) is never sent to the judge and comes out with label_status
+`invalid_input` and the reason. The label job has no PRM tokenizer, so it does not judge length: a row longer
+than model.max_length is labelled and cut where it is trained.
 
 Resumable through the label cache: a rerun over the same rows pays zero judge tokens for rows already judged
 (successes and parse failures alike), so a killed run is simply run again.
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +25,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, load_config, resolve_output_path, save_resolved
-from actprm_ray.data.pool import read_pool_dataset
+from actprm_ray.data.shards import POOL_COLUMNS, index_pool, read_pool_rows
+from actprm_ray.data.step_format import StepFormatError
 from actprm_ray.pipeline.active import TOKENS_PER_CRITIQUE
+from actprm_ray.pipeline.filter import reason_kind
+from actprm_ray.pipeline.outcomes import INVALID_INPUT
 from actprm_ray.pipeline.plan import StageSpec, actor_fault_args, labeler_class, task_fault_args
 from actprm_ray.pipeline.ray_env import init_ray
-from actprm_ray.pipeline.stages import LabelStage
+from actprm_ray.pipeline.stages import NO_ORACLE, LabelStage, check_pool_row
 
 
 @dataclass
@@ -32,13 +41,36 @@ class LabelArgs:
     output: str
 
 
-def mark_selected(batch: dict) -> dict:
-    """Rows without a `selected` column are all to be labelled; the filter's `selected` is honoured."""
+INPUT_COLUMNS = (*POOL_COLUMNS, "selected")
+STATUSES = ("ok", "failed", "skipped", "over_budget", INVALID_INPUT)
+
+
+def prepare_rows(batch: dict, *, sep: str) -> dict:
+    """Read rows -> what a labeler reads: canonical question/steps, selected, the oracle's first error, and
+    valid/invalid_reason. An invalid row is not selected, so no judge ever sees it."""
     n = len(batch["id"])
-    out = {k: batch[k] for k in ("id", "question", "steps")}
-    out["selected"] = np.asarray(batch["selected"], dtype=bool) if "selected" in batch else np.ones(n, dtype=bool)
-    k = batch.get("first_error_step")
-    out["oracle_first_error_step"] = np.asarray(k, dtype=np.int64) if k is not None else np.full(n, -2, np.int64)
+    cols = {k: [] for k in ("question", "steps", "selected", "oracle_first_error_step", "valid", "invalid_reason")}
+    for i in range(n):
+        try:
+            row, k = check_pool_row(batch["question"][i], batch["steps"][i], batch["first_error_step"][i], sep=sep,
+                                    read_error=str(batch["read_error"][i]))
+            # A row without `selected` is to be labelled; the filter's `selected` is honoured.
+            selected = batch["selected"][i] is None or bool(batch["selected"][i])
+            values = (row.question, row.steps, selected, k, True, "")
+        except StepFormatError as e:
+            values = ("", [], False, NO_ORACLE, False, str(e))
+        for name, v in zip(cols, values):
+            cols[name].append(v)
+    out = {"id": batch["id"], **{k: _obj(v) for k, v in cols.items()}}
+    out["selected"], out["valid"] = np.asarray(cols["selected"], dtype=bool), np.asarray(cols["valid"], dtype=bool)
+    out["oracle_first_error_step"] = np.asarray(cols["oracle_first_error_step"], dtype=np.int64)
+    return out
+
+
+def _obj(values) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
     return out
 
 
@@ -64,6 +96,8 @@ def to_training_rows(batch: dict) -> pa.Table:
             if name not in ("steps", "hard_labels"):
                 v = batch[name][i]
                 cols[name].append(v.item() if hasattr(v, "item") else v)
+        if not batch["valid"][i]:  # the labeler skipped it (not selected); say why
+            cols["label_status"][-1], cols["label_reason"][-1] = INVALID_INPUT, str(batch["invalid_reason"][i])
     return pa.Table.from_pydict(cols, schema=TRAINING_ROW_SCHEMA)
 
 
@@ -91,8 +125,10 @@ def run_label(cfg: Config, args: LabelArgs) -> dict:
                       batch_size=p.label_batch_size, num_cpus=p.label_num_cpus, num_gpus=p.label_num_gpus,
                       actors=(1, p.label_actors), remote_args=actor_fault_args(cfg))
     retry = task_fault_args(cfg)
-    ds = read_pool_dataset(args.input, num_cpus=p.map_num_cpus, limit=cfg.data.limit, max_retries=p.map_max_retries)
-    ds = ds.map_batches(mark_selected, batch_format="numpy", num_cpus=p.map_num_cpus, **retry)
+    index = index_pool(args.input, limit=cfg.data.limit)  # every row's id: the summary checks each comes out once
+    ds = read_pool_rows(index, num_cpus=p.map_num_cpus, columns=INPUT_COLUMNS, max_retries=p.map_max_retries)
+    ds = ds.map_batches(prepare_rows, fn_kwargs={"sep": cfg.model.sep}, batch_format="numpy",
+                        num_cpus=p.map_num_cpus, **retry)
     ds = stage.apply(ds).map_batches(to_training_rows, batch_format="numpy", num_cpus=p.map_num_cpus, **retry)  # -> Arrow
     for old in (out / "labelled").glob("*.parquet") if (out / "labelled").exists() else []:
         old.unlink()  # a rerun rewrites the whole set (from the cache), never appends duplicates
@@ -101,11 +137,16 @@ def run_label(cfg: Config, args: LabelArgs) -> dict:
     ray.kill(coordinator)
 
     t = pads.dataset(str(out / "labelled"), format="parquet").to_table(
-        columns=["label_status", "label_cache_hit", "judge_prompt_tokens", "judge_tokens"]).to_pylist()
-    status = {s: sum(1 for r in t if r["label_status"] == s) for s in ("ok", "failed", "skipped", "over_budget")}
+        columns=["id", "label_status", "label_reason", "label_cache_hit", "judge_prompt_tokens",
+                 "judge_tokens"]).to_pylist()
+    status = {s: sum(1 for r in t if r["label_status"] == s) for s in STATUSES}
     paid = sum(1 for r in t if r["judge_tokens"] > 0)
+    invalid = Counter(reason_kind(r["label_reason"]) for r in t if r["label_status"] == INVALID_INPUT)
     summary = {
-        "input": args.input, "output": str(out), "rows": len(t), "status": status,
+        "input": args.input, "output": str(out), "rows_read": len(index.ids), "rows": len(t), "status": status,
+        # Every row read comes out exactly once, with one status.
+        "identity_holds": sorted(r["id"] for r in t) == sorted(index.ids) and sum(status.values()) == len(t),
+        "invalid_reasons": dict(invalid.most_common()),
         "cache_hits": sum(1 for r in t if r["label_cache_hit"]),
         "judge_prompt_tokens": sum(r["judge_prompt_tokens"] for r in t),
         "judge_generated_tokens": sum(r["judge_tokens"] for r in t),

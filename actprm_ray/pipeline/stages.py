@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from actprm_ray.data.step_format import StepFormatError, encode_trajectory
+from actprm_ray.data.step_format import (CanonicalRow, StepFormatError, canonicalize, encode_trajectory,
+                                         parse_first_error_step)
 from actprm_ray.select import is_uncertain, select_rows
 
 NO_ORACLE = -2
@@ -27,14 +28,36 @@ def _obj(values) -> np.ndarray:
     return out
 
 
+def _typed(values, dtype) -> np.ndarray:
+    """A numeric list column as an object array of typed arrays. With Python lists, a batch whose lists are
+    all empty (e.g. all rows invalid) becomes an untyped block that later stages hand on as pickled objects,
+    while other blocks hold tensors, and Ray cannot concatenate the two for the trainer."""
+    return _obj([np.asarray(v, dtype=dtype) for v in values])
+
+
 def _check_columns(batch: dict, required: tuple[str, ...], stage: str) -> None:
     missing = [c for c in required if c not in batch]
     if missing:
         raise KeyError(f"{stage}: input batch lacks columns {missing} (has {sorted(batch)})")
 
 
+def check_pool_row(question, steps, first_error_step, *, sep: str, read_error: str = "") -> tuple[CanonicalRow, int]:
+    """Everything about a pool row that needs no tokenizer: the reader's verdict, types, canonical text, and the
+    oracle's first error in range (-1..m-1, or NO_ORACLE). Raises StepFormatError with the reason."""
+    if read_error:
+        raise StepFormatError(read_error)
+    k = parse_first_error_step(first_error_step)
+    k = NO_ORACLE if k is None else k  # NO_ORACLE itself also means none: the labelled rows' sentinel
+    row = canonicalize(question, steps, sep)
+    if k != NO_ORACLE and not -1 <= k < len(row.steps):
+        raise StepFormatError(f"first_error_step {k} out of range for {len(row.steps)} steps (-1..{len(row.steps) - 1})")
+    return row, k
+
+
 class CanonicalizeStage:
-    """Pool rows -> canonical question/steps + token ids + read-out positions (METHOD §2), or an invalid reason."""
+    """Pool rows -> canonical question/steps + token ids + read-out positions (METHOD §2), or an invalid reason.
+
+    A `read_error` column (data/shards.py) makes its rows invalid with the reader's reason."""
 
     required = ("id", "question", "steps")
 
@@ -47,54 +70,45 @@ class CanonicalizeStage:
     def __call__(self, batch: dict) -> dict:
         _check_columns(batch, self.required, "CanonicalizeStage")
         n = len(batch["id"])
-        oracle = batch.get("first_error_step")
+        oracle, read_errors = batch.get("first_error_step"), batch.get("read_error")
         out = {k: [] for k in ("input_ids", "readout_positions", "valid", "invalid_reason", "oracle_first_error_step",
                                "num_steps", "sep_removed")}
         steps_out, questions = [], []
         for i in range(n):
-            steps = batch["steps"][i]
-            steps = list(steps) if isinstance(steps, (list, np.ndarray)) else steps
-            k = NO_ORACLE
-            if oracle is not None and oracle[i] is not None and not _is_nan(oracle[i]):
-                k = int(oracle[i])
             try:
-                enc = encode_trajectory(self.tokenizer, batch["question"][i], steps, sep=self.sep,
+                question, steps = batch["question"][i], batch["steps"][i]
+                steps = list(steps) if isinstance(steps, np.ndarray) else steps
+                row, k = check_pool_row(question, steps, None if oracle is None else oracle[i], sep=self.sep,
+                                        read_error="" if read_errors is None else str(read_errors[i]))
+                # The raw text, not row's: canonicalising the question twice is not always a no-op.
+                enc = encode_trajectory(self.tokenizer, question, steps, sep=self.sep,
                                         system_prompt=self.system_prompt, max_length=self.max_length)
                 if not enc.readout_positions:
                     raise StepFormatError(f"no step separator survives truncation to {self.max_length} tokens")
-                if k != NO_ORACLE and not -1 <= k < enc.num_steps:
-                    raise StepFormatError(f"first_error_step {k} out of range for {enc.num_steps} steps")
                 # Keep labels consistent with what the model sees: an error beyond the truncation point is invisible.
                 if k >= len(enc.readout_positions):
                     k = -1
                 ok, reason, ids, pos = True, "", enc.input_ids, enc.readout_positions
-                visible = len(pos)
+                visible, removed = len(pos), row.sep_removed
             except (StepFormatError, TypeError, ValueError) as e:
-                ok, reason, ids, pos, visible = False, str(e), [], [], 0
-                enc = None
+                ok, reason, ids, pos, visible, removed, k = False, str(e), [], [], 0, 0, NO_ORACLE
             out["input_ids"].append(ids)
             out["readout_positions"].append(pos)
             out["valid"].append(ok)
             out["invalid_reason"].append(reason)
             out["oracle_first_error_step"].append(k)
             out["num_steps"].append(visible)
-            out["sep_removed"].append(enc.sep_removed if enc else 0)
+            out["sep_removed"].append(removed)
             # Downstream (labeler, judge) sees exactly the canonical steps the model reads out.
             steps_out.append(enc.steps if ok else [])
             questions.append(enc.question if ok else "")
         result = {"id": np.asarray([str(x) for x in batch["id"]], dtype=object),
                   "question": _obj(questions),
                   "steps": _obj(steps_out)}
-        result.update({k: _obj(v) if k in ("input_ids", "readout_positions") else np.asarray(v) for k, v in out.items()})
+        result.update({k: _typed(v, np.int64) if k in ("input_ids", "readout_positions") else np.asarray(v)
+                       for k, v in out.items()})
         result["invalid_reason"] = _obj(out["invalid_reason"])
         return result
-
-
-def _is_nan(x) -> bool:
-    try:
-        return bool(np.isnan(x))
-    except TypeError:
-        return False
 
 
 class ScoreStage:
@@ -141,7 +155,7 @@ class ScoreStage:
         if self.coordinator is not None:
             self.coordinator.add.remote({"scored": len(valid), "score_out": n,
                                          "score_busy_s": time.perf_counter() - start})
-        return {**batch, "step_mean": _obj(means), "step_std": _obj(stds),
+        return {**batch, "step_mean": _typed(means, np.float64), "step_std": _typed(stds, np.float64),
                 "model_version": np.full(n, self.version, dtype=np.int64)}
 
 
@@ -179,6 +193,7 @@ class LabelStage:
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
         out = self.labeler(batch)
+        out["hard_labels"] = _typed(out["hard_labels"], np.int64)  # every labeler's lists, typed (see _typed)
         if self.coordinator is not None:
             ok = int(sum(1 for s in out["label_status"] if s == "ok"))
             self.coordinator.add.remote({"selected": int(np.sum(batch["selected"])), "labelled": ok,
