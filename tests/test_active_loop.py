@@ -31,7 +31,7 @@ def test_end_to_end_accounting_and_checkpoint(ray_local, tmp_path):
     from actprm_ray.model.ensemble_prm import EnsemblePRM
     from actprm_ray.pipeline.active import run_active
 
-    summary = run_active(_cfg(tmp_path, "e2e"))
+    summary = run_active(_cfg(tmp_path, "e2e", "train.report_every=1"))
     rows = _outcomes(summary)
     assert summary["rows_read"] == 120 == len(rows)
     assert len({r["id"] for r in rows}) == 120  # one outcome per row
@@ -42,6 +42,12 @@ def test_end_to_end_accounting_and_checkpoint(ray_local, tmp_path):
     model = EnsemblePRM.from_pretrained(summary["checkpoint"])  # the final checkpoint loads with one call
     assert model.config.n_heads == 4
     assert (tmp_path / "e2e" / "config.yaml").is_file()
+    # Every optimizer step is reported to Ray Train (report_every=1) and reaches the controller-side callback.
+    reports = [json.loads(line) for line in open(summary["metrics_log"])]
+    steps = [r["step"] for r in reports]
+    assert steps == list(range(1, summary["trainer"]["optimizer_steps"] + 1)) + [steps[-1]]  # + the final report
+    assert reports[-1]["final"] and reports[-1]["checkpoint"] and all(r["lr"] > 0 for r in reports)
+    assert summary["stage_rows_per_s"]["train"] > 0
 
 
 def test_slow_trainer_backpressure_and_versions_reach_scorers(ray_local, tmp_path):

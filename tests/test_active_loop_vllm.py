@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -9,6 +14,22 @@ from actprm_ray.config import load_config
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_TRAIN = REPO.parent / "shared" / "data" / "problems" / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def rollout_pool(tmp_path_factory) -> Path:
+    """The paper's data path starts here: jobs/generate.py writes policy rollouts in the pool-row schema."""
+    if not GSM8K_TRAIN.exists():
+        pytest.skip(f"no shared data at {GSM8K_TRAIN}")
+    out = tmp_path_factory.mktemp("rollouts") / "rollouts.parquet"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), f"problems_path={GSM8K_TRAIN}", f"out_path={out}",
+           "limit=8", "samples_per_problem=2", "max_tokens=48"]
+    proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
 
 
 def _cfg(tmp_path, name, backbone_dir, *overrides):
@@ -24,20 +45,24 @@ def _cfg(tmp_path, name, backbone_dir, *overrides):
     return load_config(None, base + list(overrides))
 
 
-def test_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir, tmp_path):
+def test_generate_then_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir, rollout_pool,
+                                                                  tmp_path):
+    """generate -> active_train on its rollouts (no oracle: the vLLM judge labels them) -> rerun from the cache."""
     from actprm_ray.pipeline.active import run_active
 
-    first = run_active(_cfg(tmp_path, "judge1", tiny_backbone_dir, "labeler.judge.guided=true"))
+    n = pq.read_metadata(rollout_pool).num_rows
+    pool = f"data.pool={rollout_pool}"
+    first = run_active(_cfg(tmp_path, "judge1", tiny_backbone_dir, "labeler.judge.guided=true", pool))
     rows = pq.read_table(f"{first['run_dir']}/outcomes.parquet").to_pylist()
-    assert first["identity_holds"]
+    assert first["identity_holds"] and first["rows_read"] == n > 0
     # Guided decoding: every critique parses, so every selected row is trained on a judge label.
     others = [r for r in rows if r["outcome"] != "trained"]
-    assert first["outcomes"]["trained"] == 24 - first["outcomes"]["invalid_input"] > 0, others
+    assert first["outcomes"]["trained"] == n - first["outcomes"]["invalid_input"] > 0, others
     assert all(r["label_source"].startswith("vllm:") for r in rows if r["outcome"] == "trained")
     assert first["budget"]["judge_generated_tokens"] > 0
 
     # Same pool, same judge, same cache, new run: zero judge tokens paid.
-    second = run_active(_cfg(tmp_path, "judge2", tiny_backbone_dir, "labeler.judge.guided=true"))
+    second = run_active(_cfg(tmp_path, "judge2", tiny_backbone_dir, "labeler.judge.guided=true", pool))
     assert second["outcomes"]["trained"] == first["outcomes"]["trained"]
     assert second["budget"]["judge_generated_tokens"] == 0
     assert second["budget"]["cache_hits"] == second["outcomes"]["trained"]

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
@@ -215,3 +215,9 @@ class HttpJudgeLabeler(JudgeLabeler):
 
     def generate(self, prompts: list[str], seeds: list[int], num_steps: list[int]) -> list[Generation]:
         return list(self._pool.map(self._one, prompts, seeds, num_steps))
+
+    def generate_iter(self, prompts: list[str], seeds: list[int], num_steps: list[int]):
+        # Requests finish one by one: hand each back at once, so the caller caches it before the slowest returns.
+        futures = {self._pool.submit(self._one, p, s, n): i for i, (p, s, n) in enumerate(zip(prompts, seeds, num_steps))}
+        for f in as_completed(futures):
+            yield futures[f], f.result()

@@ -3,12 +3,13 @@
 For the selected rows of a batch:
 
     canonicalise -> cache lookup (a hit costs nothing) -> budget.reserve(misses) -> generate -> parse
-      -> cache put after every round (INVALID judgements too)
+      -> cache put as each response arrives (INVALID judgements too)
       -> failed parses retried with a new seed, up to max_attempts (every attempt's tokens are spent)
       -> label columns
 
-Subclasses implement only `generate`, which turns prompts into Generations and never raises for a single
-row (a row-level problem is a Generation with `error` set). Non-selected rows pass through as "skipped".
+Subclasses implement `generate`, which turns prompts into Generations and never raises for a single row (a
+row-level problem is a Generation with `error` set), and may override `generate_iter` to hand back each response
+as it finishes. Non-selected rows pass through as "skipped".
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -96,6 +97,15 @@ class JudgeLabeler:
         """One Generation per prompt, in order. `num_steps` lets a guided backend build each row's grammar."""
         raise NotImplementedError
 
+    def generate_iter(self, prompts: list[str], seeds: list[int], num_steps: list[int]) -> Iterator[tuple[int, Generation]]:
+        """(index, Generation) pairs as each finishes. Default: one generate() call, in order. A backend whose
+        requests finish one by one (HTTP) yields each as it arrives, so a paid judgement is cached at once and a
+        labeler killed mid-round re-pays only the requests still in flight."""
+        gens = self.generate(prompts, seeds, num_steps)
+        if len(gens) != len(prompts):
+            raise RuntimeError(f"generate returned {len(gens)} results for {len(prompts)} prompts")
+        yield from enumerate(gens)
+
     def key_for(self, question: str, steps: list[str]) -> str:
         return label_key(question, steps, self.config.judge_id, self.config.prompt_version, self.params)
 
@@ -151,7 +161,7 @@ class JudgeLabeler:
         return {**batch, **out}
 
     def _judge(self, rows: list[_Row]) -> None:
-        """Call the judge until each row parses or runs out of attempts; one generate() call per round."""
+        """Call the judge until each row parses or runs out of attempts; one generate_iter() call per round."""
         pending, first_round = rows, True
         while pending:
             if not first_round and self.budget.exhausted():
@@ -160,35 +170,40 @@ class JudgeLabeler:
                 break
             prompts = [render_judge_prompt(r.question, r.steps) for r in pending]
             seeds = [attempt_seed(r.key, self._done_attempts(r)) for r in pending]
-            gens = self.generate(prompts, seeds, [len(r.steps) for r in pending])
-            if len(gens) != len(pending):
-                raise RuntimeError(f"generate returned {len(gens)} results for {len(pending)} prompts")
-            self.stats["generate_calls"] += 1
-            retry = []
-            for r, g in zip(pending, gens):
-                r.attempts += 1
-                r.prompt_tokens += g.prompt_tokens
-                r.generated_tokens += g.generated_tokens
-                self.budget.spend_tokens(g.prompt_tokens, g.generated_tokens)
-                self.stats["requests"] += 1
-                self.stats["prompt_tokens"] += g.prompt_tokens
-                self.stats["generated_tokens"] += g.generated_tokens
-                if g.error is not None:
-                    # The backend already retried transport errors; a judge that cannot be reached is not
-                    # an INVALID judgement, so it is neither re-sampled nor cached.
-                    r.call_error = g.error
-                    continue
-                r.text = g.text
-                r.result = parse_judge_output(g.text, len(r.steps), strict=self.config.strict)
-                if not r.result.ok and g.finish_reason == "length":
-                    r.result.reason += " (output cut at max_tokens)"
-                if not r.result.ok and self._done_attempts(r) < self.config.max_attempts:
+            retry, done = [], 0
+            for j, g in self.generate_iter(prompts, seeds, [len(r.steps) for r in pending]):
+                r, done = pending[j], done + 1
+                if self._take(r, g):
                     retry.append(r)
                     self.stats["resamples"] += 1
-            # Stored after every round, not once per batch: if this process dies later in the batch, Ray re-runs
-            # the batch and what was already paid comes from the cache (a failure so far counts as `prior`).
-            self._store([r for r in pending if r.call_error is None])
+                # Stored as each response arrives: if this process dies later, Ray re-runs the batch and what was
+                # already paid comes from the cache (a failure so far counts as `prior`).
+                if r.call_error is None:
+                    self._store([r])
+            if done != len(pending):
+                raise RuntimeError(f"generate_iter returned {done} results for {len(pending)} prompts")
+            self.stats["generate_calls"] += 1
             pending, first_round = retry, False
+
+    def _take(self, r: _Row, g: Generation) -> bool:
+        """Book one response against its row; True when the row should be re-sampled."""
+        r.attempts += 1
+        r.prompt_tokens += g.prompt_tokens
+        r.generated_tokens += g.generated_tokens
+        self.budget.spend_tokens(g.prompt_tokens, g.generated_tokens)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += g.prompt_tokens
+        self.stats["generated_tokens"] += g.generated_tokens
+        if g.error is not None:
+            # The backend already retried transport errors; a judge that cannot be reached is not an INVALID
+            # judgement, so it is neither re-sampled nor cached.
+            r.call_error = g.error
+            return False
+        r.text = g.text
+        r.result = parse_judge_output(g.text, len(r.steps), strict=self.config.strict)
+        if not r.result.ok and g.finish_reason == "length":
+            r.result.reason += " (output cut at max_tokens)"
+        return not r.result.ok and self._done_attempts(r) < self.config.max_attempts
 
     def _store(self, rows: list[_Row]) -> None:
         if self.cache is not None and rows:

@@ -125,12 +125,12 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
 
     rows = table.to_pylist()
     lags: Counter = Counter()
-    trainer = {"redelivered": 0, "stale_reselected": 0, "empty_steps": 0}
+    trainer = {"redelivered": 0, "stale_reselected": 0, "empty_steps": 0, "busy_s": 0.0, "rows_trained_here": 0}
     for f in sorted((run_dir / "trainer").glob("rank*.json")):
         stats = json.loads(f.read_text())
         lags.update({int(k): v for k, v in stats["lags"].items()})
         for k in trainer:
-            trainer[k] += stats[k]
+            trainer[k] += stats.get(k, 0)
     confident = [r for r in rows if r["outcome"] == oc.CONFIDENT]
     judged = [r for r in confident if r["pseudo_label_correct"] >= 0]
     scored = counts[oc.CONFIDENT] + counts[oc.TRAINED] + counts[oc.LABEL_FAILED]
@@ -161,7 +161,10 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
         "stage_busy_s": busy,
         "stage_rows_per_s": {"score": snapshot.get("scored", 0) / max(busy["score"], 1e-9),
                              "label": snapshot.get("labelled", 0) / max(busy["label"], 1e-9) if busy["label"] else None,
+                             # rows per second of one worker's compute (waits for data excluded); x workers for the group
+                             "train": trainer["rows_trained_here"] / max(trainer["busy_s"], 1e-9),
                              "end_to_end": len(rows) / max(wall_s, 1e-9)},
         "checkpoint": None if checkpoint is None else str(Path(checkpoint) / "model"),
+        "metrics_log": str(run_dir / "metrics.jsonl"),
         "config": to_dict(cfg),
     }

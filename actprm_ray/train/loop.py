@@ -62,6 +62,7 @@ class Worker:
 
         self.state = {"step": 0, "version": 0, "rows_trained": 0, "empty_steps": 0, "flushes": 0}
         checkpoint = ray.train.get_checkpoint()
+        self.restored = checkpoint is not None
         optim_state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -91,6 +92,11 @@ class Worker:
         self.redelivered = 0
         self.stale_reselected = 0
         self.last_loss = float("nan")
+        self.busy_s = 0.0  # wall time in forward/backward/optimizer: the trainer's own throughput, without waits
+        self.rows_at_start = self.state["rows_trained"]  # busy_s restarts with the process; so does its row count
+
+    def rows_here(self) -> int:
+        return self.state["rows_trained"] - self.rows_at_start
 
     # -- outcomes ----------------------------------------------------------------------------------------------
     def record(self, row: dict, outcome: str, reason: str = "", **extra) -> None:
@@ -223,10 +229,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             old = run_dir / "weights" / f"v{w.state['version'] - 3:06d}.safetensors"
             old.unlink(missing_ok=True)  # scorers poll often; keep a short tail for in-flight loads
 
+    def metrics(final: bool = False) -> dict:
+        return {"step": w.state["step"], "version": w.state["version"], "loss": w.last_loss,
+                "lr": w.scheduler.get_last_lr()[0], "rows_trained": w.state["rows_trained"],
+                "train_rows_per_s": w.rows_here() / max(w.busy_s, 1e-9), "final": final}
+
     def checkpoint(final: bool = False) -> None:
         w.flush()
-        metrics = {"step": w.state["step"], "version": w.state["version"], "loss": w.last_loss,
-                   "rows_trained": w.state["rows_trained"], "final": final}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if w.rank == 0:
@@ -235,11 +244,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             torch.save({"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()},
                        Path(tmp) / f"optim_rank{w.rank}.pt")
             ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            ray.train.report(metrics(final), checkpoint=ckpt)
 
-    if w.rank == 0 and ray.get(w.coordinator.latest.remote())[0] < w.state["version"]:
-        # Resumed: scorers must see the restored weights, with a version above what they hold.
-        w.state["version"] -= 1
+    if w.restored:
+        # Restored from a checkpoint (driver rerun, or a worker-group restart mid-run): scorers must get the
+        # restored weights under a version above anything published before, which after a mid-run restart is the
+        # coordinator's latest, not the checkpoint's. Rank 0's view is broadcast so every rank counts alike.
+        latest = ray.get(w.coordinator.latest.remote())[0] if w.rank == 0 else 0
+        version = torch.tensor([max(latest, w.state["version"])], dtype=torch.long)
+        if w.world > 1:
+            dist.broadcast(version, src=0)
+        w.state["version"] = int(version.item())
         publish()
 
     while True:
@@ -274,14 +289,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if not last_rows:
                 raise RuntimeError("rank has no rows at all to build a DDP dummy batch from; use fewer workers")
             rows = [{**last_rows[0], "_dummy": True}]
+        started = time.perf_counter()
         w.step(rows)
         micro += 1
         if micro % t.grad_accum:
+            w.busy_s += time.perf_counter() - started
             continue
         torch.nn.utils.clip_grad_norm_(w.model.parameters(), t.grad_clip)
         w.optimizer.step()
         w.scheduler.step()
         w.optimizer.zero_grad(set_to_none=True)
+        w.busy_s += time.perf_counter() - started
         w.state["step"] += 1
         if t.step_delay_s:
             time.sleep(t.step_delay_s)
@@ -289,11 +307,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             publish()
         if w.state["step"] % t.checkpoint_every == 0:
             checkpoint()
+        elif t.report_every and w.state["step"] % t.report_every == 0:
+            # Metrics-only report: every rank reaches it at the same step (lockstep above), as report() requires.
+            ray.train.report(metrics())
         if w.rank == 0:
             w.coordinator.add.remote({"trained_steps": 1})
 
     # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
     stats = {"lags": {str(k): v for k, v in sorted(w.lags.items())}, "redelivered": w.redelivered,
+             "busy_s": w.busy_s, "rows_trained_here": w.rows_here(),
              "stale_reselected": w.stale_reselected, "empty_steps": w.state["empty_steps"]}
     (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
     (run_dir / "trainer" / f"rank{w.rank}.json").write_text(json.dumps(stats))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from ray.data import DataContext
 
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
 from actprm_ray.config import Config, to_dict
@@ -29,7 +30,23 @@ class UnequalSplit(DataConfig):
         return out
 
 
-def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str) -> TorchTrainer:
+class MetricsLog(UserCallback):
+    """Append rank 0's metrics of every `ray.train.report` to `<run>/metrics.jsonl`, on the Train controller.
+
+    Train V2 runs user callbacks here instead of Tune's logger callbacks; a TensorBoard or MLflow writer is
+    another `UserCallback.after_report` like this one (pass it in `build_trainer(callbacks=...)`)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        record = {**metrics[0], "checkpoint": checkpoint.path if checkpoint is not None else None}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str,
+                  callbacks: list[UserCallback] | None = None) -> TorchTrainer:
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -43,6 +60,7 @@ def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str) ->
             storage_path=str((run_dir / "ray_train").resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=[MetricsLog(run_dir / "metrics.jsonl"), *(callbacks or [])],
         ),
         datasets={"train": dataset},
         # Pass the driver's execution options explicitly: the split runs in the Train controller process, whose
