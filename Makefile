@@ -1,4 +1,4 @@
-# The two commands of the README:  `make run` (embedded default job) and `make test` (the whole suite).
+# The two commands of the README:  `make run` (embedded default job) and `make test` (the suite CI runs).
 SHELL := /bin/bash
 # One variable per line: `export A=1 B=2` would make A's value "1 B=2".
 export RAY_USAGE_STATS_ENABLED := 0
@@ -11,15 +11,20 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 VENV := .venv/bin
 
-.PHONY: setup run test test-fast
+.PHONY: setup run test test-all test-fast
 setup:
 	bash scripts/install.sh
 
 run: setup
 	$(VENV)/python jobs/active_train.py $(ARGS)
 
+# Everything but the `extended` tier (CI's 30-minute budget on 2 cores).
 test: setup
-	$(VENV)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	$(VENV)/python -m pytest -q -rs --durations=25 -m "not extended" $(PYTEST_ARGS)
+
+# The whole suite, the extended fault/resume runs included (~15 minutes more).
+test-all: setup
+	$(VENV)/python -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 # Pure-logic tests only (no Ray, no vLLM): seconds.
 test-fast: setup

@@ -45,13 +45,17 @@ def _cfg(tmp_path, name, backbone_dir, *overrides):
     return load_config(None, base + list(overrides))
 
 
-def test_generate_then_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir, rollout_pool,
-                                                                  tmp_path):
-    """generate -> active_train on its rollouts (no oracle: the vLLM judge labels them) -> rerun from the cache."""
+@pytest.mark.parametrize("source", ["synthetic", pytest.param("rollouts", marks=pytest.mark.extended)])
+def test_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir, source, request, tmp_path):
+    """active_train with the vLLM judge -> rerun from the cache. `rollouts`: the paper's data path, generate ->
+    active_train on its rollouts (no oracle there: only the judge can label them); it adds a generate run."""
     from actprm_ray.pipeline.active import run_active
 
-    n = pq.read_metadata(rollout_pool).num_rows
-    pool = f"data.pool={rollout_pool}"
+    if source == "rollouts":
+        rollout_pool = request.getfixturevalue("rollout_pool")
+        n, pool = pq.read_metadata(rollout_pool).num_rows, f"data.pool={rollout_pool}"
+    else:
+        n, pool = 12, "data.synthetic_rows=12"
     first = run_active(_cfg(tmp_path, "judge1", tiny_backbone_dir, "labeler.judge.guided=true", pool))
     rows = pq.read_table(f"{first['run_dir']}/outcomes.parquet").to_pylist()
     assert first["identity_holds"] and first["rows_read"] == n > 0

@@ -262,7 +262,7 @@ def _kill_tree(proc: subprocess.Popen, children: list) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.extended  # three filter runs, ~3.5 min on 2 cores
 def test_kill_and_rerun_equals_uninterrupted_run(ray_local, checkpoint, tmp_path):
     import psutil
 

@@ -152,6 +152,7 @@ def test_an_engine_that_dies_mid_batch_is_rebuilt_and_no_row_is_paid_twice(tiny_
 
 
 @pytest.mark.ray
+@pytest.mark.extended  # ~2 min; tests/test_faults.py kills a labeler actor (HTTP judge) in CI
 def test_a_labeler_actor_killed_mid_batch_is_restarted_and_its_batches_rerun(tiny_backbone_dir, ray_local, tmp_path):
     """SIGKILL of the actor process (the engine's parent) in its first generate: Ray restarts the actor (a new
     engine), re-runs the batches it held, every row comes out once, and the old engine's processes are gone."""

@@ -125,7 +125,8 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
 
     rows = table.to_pylist()
     lags: Counter = Counter()
-    trainer = {"redelivered": 0, "stale_reselected": 0, "empty_steps": 0, "busy_s": 0.0, "rows_trained_here": 0}
+    trainer = {"redelivered": 0, "over_budget": 0, "stale_reselected": 0, "empty_steps": 0, "busy_s": 0.0,
+               "rows_trained_here": 0}
     for f in sorted((run_dir / "trainer").glob("rank*.json")):
         stats = json.loads(f.read_text())
         lags.update({int(k): v for k, v in stats["lags"].items()})

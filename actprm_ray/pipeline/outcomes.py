@@ -57,7 +57,7 @@ def finalize(recorded: pa.Table, pool_ids: list[str]) -> tuple[pa.Table, dict]:
     if dupes:
         raise AssertionError(f"{len(dupes)} rows have more than one outcome, e.g. {dupes[:5]}")
     seen = set(ids)
-    missing = [outcome_row(i, NOT_REACHED, "run stopped before this row reached the trainer")
+    missing = [outcome_row(i, NOT_REACHED, "not labelled or trained: the run stopped first (label budget, or end of run); a rerun picks it up")
                for i in pool_ids if i not in seen]
     table = pa.concat_tables([recorded, pa.Table.from_pylist(missing, schema=OUTCOME_SCHEMA)])
     unknown = seen - set(pool_ids)

@@ -90,6 +90,7 @@ class Worker:
         self.pending: list[dict] = []  # outcomes since the last flush
         self.lags: Counter = Counter()
         self.redelivered = 0
+        self.over_budget = 0
         self.stale_reselected = 0
         self.last_loss = float("nan")
         self.busy_s = 0.0  # wall time in forward/backward/optimizer: the trainer's own throughput, without waits
@@ -124,7 +125,9 @@ class Worker:
             self.record(row, oc.CONFIDENT, "trusted by the ensemble", pseudo_label_correct=correct)
             return False
         if status == "over_budget":
-            self.record(row, oc.NOT_REACHED, str(row["label_reason"]))
+            # Not a final outcome: a rerun with a larger budget must label it, so it is not flushed (the driver
+            # marks it not_reached at the end of this run).
+            self.over_budget += 1
             return False
         if status != "ok":
             self.record(row, oc.LABEL_FAILED, str(row["label_reason"]))
@@ -315,6 +318,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
     stats = {"lags": {str(k): v for k, v in sorted(w.lags.items())}, "redelivered": w.redelivered,
+             "over_budget": w.over_budget,
              "busy_s": w.busy_s, "rows_trained_here": w.rows_here(),
              "stale_reselected": w.stale_reselected, "empty_steps": w.state["empty_steps"]}
     (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
