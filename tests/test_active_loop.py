@@ -27,43 +27,23 @@ def _outcomes(summary):
     return pq.read_table(f"{summary['run_dir']}/outcomes.parquet").to_pylist()
 
 
-def test_end_to_end_accounting_and_checkpoint(ray_local, tmp_path):
+def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, tmp_path):
+    """One active run (one run keeps CI inside its budget) with a slow trainer: one outcome per row, a loadable
+    final checkpoint, per-step metrics; the scorer may not run ahead of the trainer by more than the configured
+    bound, and rows scored after a publish carry the new version."""
     from actprm_ray.model.ensemble_prm import EnsemblePRM
-    from actprm_ray.pipeline.active import run_active
-
-    summary = run_active(_cfg(tmp_path, "e2e", "train.report_every=1"))
-    rows = _outcomes(summary)
-    assert summary["rows_read"] == 120 == len(rows)
-    assert len({r["id"] for r in rows}) == 120  # one outcome per row
-    assert sum(summary["outcomes"].values()) == 120 and summary["identity_holds"]
-    assert summary["outcomes"]["trained"] == summary["labels_used"] > 0
-    assert summary["model_versions_published"] >= 1
-    assert sum(summary["lag_histogram"].values()) == summary["outcomes"]["trained"]
-    model = EnsemblePRM.from_pretrained(summary["checkpoint"])  # the final checkpoint loads with one call
-    assert model.config.n_heads == 4
-    assert (tmp_path / "e2e" / "config.yaml").is_file()
-    # Every optimizer step is reported to Ray Train (report_every=1) and reaches the controller-side callback.
-    reports = [json.loads(line) for line in open(summary["metrics_log"])]
-    steps = [r["step"] for r in reports]
-    assert steps == list(range(1, summary["trainer"]["optimizer_steps"] + 1)) + [steps[-1]]  # + the final report
-    assert reports[-1]["final"] and reports[-1]["checkpoint"] and all(r["lr"] > 0 for r in reports)
-    assert summary["stage_rows_per_s"]["train"] > 0
-
-
-def test_slow_trainer_backpressure_and_versions_reach_scorers(ray_local, tmp_path):
-    """A slow trainer: the scorer may not run ahead of the trainer by more than the configured bound, and rows
-    scored after a publish carry the new version."""
     from actprm_ray.pipeline.active import run_active
     from actprm_ray.pipeline.coordinator import coordinator_name
 
-    cfg = _cfg(tmp_path, "slow", "data.synthetic_rows=400", "selection.mode=all", "train.step_delay_s=0.05",
+    n = 400
+    cfg = _cfg(tmp_path, "e2e", f"data.synthetic_rows={n}", "train.step_delay_s=0.05", "train.report_every=1",
                "pipeline.object_store_limit_mb=1", "pipeline.block_size_kb=16")
     leads, done = [], threading.Event()
 
     def watch():
         while not done.is_set():
             try:
-                s = ray_local.get(ray_local.get_actor(coordinator_name("slow"), namespace="actprm").snapshot.remote())
+                s = ray_local.get(ray_local.get_actor(coordinator_name("e2e"), namespace="actprm").snapshot.remote())
                 leads.append(s.get("score_out", 0) - s.get("pulled", 0))
             except Exception:  # noqa: BLE001 -- actor not up yet / gone
                 pass
@@ -75,12 +55,26 @@ def test_slow_trainer_backpressure_and_versions_reach_scorers(ray_local, tmp_pat
     done.set()
     t.join()
     rows = _outcomes(summary)
-    assert summary["identity_holds"] and summary["outcomes"]["trained"] == 400
-    # The 1 MiB Ray Data budget over rows of >= 4 KiB in flight (ids, steps, token ids, scores) admits at most
-    # ~256 rows between Score and Train; without the bound the scorer finishes the 400-row pool first.
+    assert summary["rows_read"] == n == len(rows)
+    assert len({r["id"] for r in rows}) == n  # one outcome per row
+    assert sum(summary["outcomes"].values()) == n and summary["identity_holds"]
+    assert summary["outcomes"]["trained"] == summary["labels_used"] > 0
+    assert sum(summary["lag_histogram"].values()) == summary["outcomes"]["trained"]
+    model = EnsemblePRM.from_pretrained(summary["checkpoint"])  # the final checkpoint loads with one call
+    assert model.config.n_heads == 4
+    assert (tmp_path / "e2e" / "config.yaml").is_file()
+    # Every optimizer step is reported to Ray Train (report_every=1) and reaches the controller-side callback.
+    reports = [json.loads(line) for line in open(summary["metrics_log"])]
+    steps = [r["step"] for r in reports]
+    assert steps == list(range(1, summary["trainer"]["optimizer_steps"] + 1)) + [steps[-1]]  # + the final report
+    assert reports[-1]["final"] and reports[-1]["checkpoint"] and all(r["lr"] > 0 for r in reports)
+    assert summary["stage_rows_per_s"]["train"] > 0
+    # Backpressure: the 1 MiB Ray Data budget over rows of >= 4 KiB in flight (ids, steps, token ids, scores) admits
+    # at most ~256 rows between Score and Train; without the bound the scorer finishes the 400-row pool first.
     assert leads and max(leads) <= 256, max(leads)
+    # Versions: the trainer publishes every step, so later rows are scored with published weights.
     versions = {r["model_version"] for r in rows}
-    assert max(versions) >= 1, "no row was scored with published weights"
+    assert summary["model_versions_published"] >= 1 and max(versions) >= 1, "no row was scored with published weights"
     print(f"max scorer lead over trainer: {max(leads)} rows; versions seen by scorers: {sorted(versions)[:10]}")
 
 
@@ -114,6 +108,7 @@ def test_budget_stop_then_resume(ray_local, tmp_path):
     assert state["step"] == 6  # resumed from step 3, not from scratch
 
 
+@pytest.mark.extended  # CI budget (one more loop run)
 def test_inline_selection_mode(ray_local, tmp_path):
     from actprm_ray.pipeline.active import run_active
 

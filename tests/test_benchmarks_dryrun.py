@@ -40,7 +40,7 @@ def test_gpu_scoring_dry_run(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.extended  # CI budget
 def test_pipeline_overhead_dry_run(tmp_path):
     out = tmp_path / "b1.json"
     _run("pipeline_overhead.py", "--out", str(out))

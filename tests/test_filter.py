@@ -179,6 +179,7 @@ def _split_threshold(values: list[float], quantile: float) -> float:
 
 
 @pytest.mark.ray
+@pytest.mark.extended  # CI budget; tests/test_bad_inputs.py runs the filter job in CI
 def test_filter_retains_exactly_the_rows_the_rule_selects(ray_local, checkpoint, pool_dir, tmp_path):
     from actprm_ray.select import considered_length, is_uncertain
 

@@ -57,7 +57,7 @@ def test_rollout_row_and_parquet_schema(tmp_path):
 
 
 @pytest.mark.vllm
-@pytest.mark.slow
+@pytest.mark.extended  # a vLLM engine start, ~4 min on 2 cores: CI budget
 def test_generate_job_on_gsm8k_with_the_tiny_policy(tmp_path):
     if not GSM8K_TRAIN.exists():
         pytest.skip(f"no shared data at {GSM8K_TRAIN}")

@@ -333,7 +333,7 @@ def test_write_pool_rejects_unknown_suffix_and_writes_empty_parquet(tmp_path):
     assert table.num_rows == 0 and "steps" in table.schema.names
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI budget
 def test_million_rows_stream_to_parquet(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "big.parquet"

@@ -116,7 +116,7 @@ def _mean_bce(model, rows) -> float:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.extended  # a loop run then a train run, ~2 min: CI budget
 def test_stage2_from_loop_checkpoint(ray_local, tmp_path):
     from actprm_ray.model.ensemble_prm import EnsemblePRM
     from actprm_ray.pipeline.active import run_active

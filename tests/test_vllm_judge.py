@@ -127,6 +127,7 @@ def test_a_batch_larger_than_one_prefill_budget(engine_labeler):
     assert list(out["label_status"]) == ["ok"] * 16
 
 
+@pytest.mark.extended  # a second engine start, ~80 s: CI budget (issue: slowest fault tests may leave CI)
 def test_an_engine_that_dies_mid_batch_is_rebuilt_and_no_row_is_paid_twice(tiny_backbone_dir):
     """The engine's own processes die after the batch's cache lookup and label reservation."""
     me = psutil.Process()
@@ -189,6 +190,7 @@ def test_a_labeler_actor_killed_mid_batch_is_restarted_and_its_batches_rerun(tin
 
 
 @pytest.mark.ray
+@pytest.mark.extended  # CI budget; the loop test runs this stage as a Ray Data actor pool too
 def test_runs_as_a_ray_data_actor_pool_stage(engine_labeler, ray_local):
     """The engine lives inside the actor (built once); non-selected rows stream through in the same dataset.
 
