@@ -65,6 +65,19 @@ class TreeMemory(threading.Thread):
             self.stop.wait(self.every_s)
 
 
+def run_sampled(cmd: list[str], env: dict, log_path: Path, sample_s: float, cwd=None) -> tuple[int, float, TreeMemory]:
+    """Run cmd with its output in log_path while TreeMemory samples its process tree; (exit code, wall s, samples)."""
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+        mem = TreeMemory(proc.pid, sample_s)
+        mem.start()
+        rc = proc.wait()
+        mem.stop.set()
+        mem.join()
+    return rc, time.perf_counter() - t, mem
+
+
 def make_pool(n: int, shard_rows: int, directory: Path, seed: int = 0) -> float:
     """Write n synthetic rows as shards of shard_rows rows (one chunk of rows in memory at a time); seconds taken."""
     from actprm_ray.data.synthetic import iter_pool, write_pool
@@ -88,15 +101,7 @@ def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_
     cmd = [sys.executable, str(REPO / "jobs" / "filter.py"), "--checkpoint", str(ckpt), "--input", str(pool),
            "--output", str(out), "--chunk_rows", str(chunk_rows), "pipeline.status_every_s=60"]
     log_path = out.parent / f"{out.name}{'.resumed' if resume else ''}.log"
-    t = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        mem = TreeMemory(proc.pid, sample_s)
-        mem.start()
-        rc = proc.wait()
-        mem.stop.set()
-        mem.join()
-    wall = time.perf_counter() - t
+    rc, wall, mem = run_sampled(cmd, env, log_path, sample_s)
     if rc != 0:
         raise RuntimeError(f"filter run for {n} rows failed (rc {rc}); log: {log_path}")
     summary = json.loads((out / "filter_summary.json").read_text())

@@ -16,12 +16,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from filter_scale import TreeMemory
+from filter_scale import run_sampled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,15 +30,7 @@ def run_size(n: int, work: Path, sample_s: float) -> dict:
     name = f"loop_{n}"
     cmd = [sys.executable, str(REPO / "jobs" / "active_train.py"), f"run.output_dir={work}", f"run.name={name}",
            f"data.synthetic_rows={n}", "train.total_steps=100000", "pipeline.status_every_s=30"]
-    t = time.perf_counter()
-    with open(work / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        mem = TreeMemory(proc.pid, sample_s)
-        mem.start()
-        rc = proc.wait()
-        mem.stop.set()
-        mem.join()
-    wall = time.perf_counter() - t
+    rc, wall, mem = run_sampled(cmd, env, work / f"{name}.log", sample_s, cwd=REPO)
     if rc != 0:
         raise SystemExit(f"active_train failed for {n} rows (exit {rc}); see {work / f'{name}.log'}")
     summary = json.loads((work / name / "summary.json").read_text())
