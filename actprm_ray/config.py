@@ -96,6 +96,7 @@ class TrainConfig:
 class PipelineConfig:
     score_actors: int = 1  # scorer actor pool size (max; min is 1)
     score_batch_size: int = 16  # rows per scorer call
+    score_pack_tokens: int = 0  # >0: the scorer packs rows into lines of this many tokens, no padding (exact; pays with flash-attention-2)
     score_num_cpus: float = 0.25
     score_num_gpus: float = 0.0
     label_actors: int = 1  # labeler actor pool size

@@ -35,6 +35,44 @@ def collate_encoded(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def pack_encoded(rows: list[dict], max_tokens: int) -> list[dict]:
+    """Pack rows end to end, without padding: one (1, T) line per pack, T <= max_tokens (a longer row is alone).
+
+    Each pack has input_ids and position_ids (1, T), position ids restarting at 0 for every row, so RoPE sees
+    each row exactly as if it were alone; readout_batch (all 0) and readout_pos (N,) point into the line;
+    `rows` lists the input indices it holds and step_row (N,) the pack-local row of each read-out. The model
+    must get no attention_mask: transformers then reads the row boundaries from the restarting position ids
+    and masks attention between rows (masking_utils.find_packed_sequence_indices; flash-attention-2 uses
+    varlen kernels), which is what makes packed scores equal padded ones.
+    """
+    packs, current, used = [], [], 0
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        if current and used + n > max_tokens:
+            packs.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        packs.append(current)
+    out = []
+    for idx in packs:
+        ids, pos, rp, step_row = [], [], [], []
+        for j, i in enumerate(idx):
+            r, offset = rows[i], len(ids)
+            ids.extend(int(t) for t in r["input_ids"])
+            pos.extend(range(len(r["input_ids"])))
+            rp.extend(offset + int(p) for p in r["readout_positions"])
+            step_row.extend([j] * len(r["readout_positions"]))
+        out.append({"input_ids": torch.as_tensor([ids], dtype=torch.long),
+                    "position_ids": torch.as_tensor([pos], dtype=torch.long),
+                    "attention_mask": None,
+                    "readout_batch": torch.zeros(len(rp), dtype=torch.long),
+                    "readout_pos": torch.as_tensor(rp, dtype=torch.long),
+                    "step_row": torch.as_tensor(step_row, dtype=torch.long), "rows": idx})
+    return out
+
+
 def padding_fraction(lengths: list[int], batch_size: int) -> float:
     """Share of padded tokens when `lengths` are batched in the given order."""
     total = padded = 0

@@ -146,15 +146,21 @@ class EnsemblePRM(nn.Module):
         return {name: getattr(self, f"anchor_{name}") for name, _ in self.heads.named_parameters()}
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask, readout_batch, readout_pos) -> torch.Tensor:
-        """Per-head logits (n, N) at the N read-out positions (flattened over the batch), in fp32."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+    def forward(self, input_ids, attention_mask, readout_batch, readout_pos, position_ids=None) -> torch.Tensor:
+        """Per-head logits (n, N) at the N read-out positions (flattened over the batch), in fp32.
+
+        Packed input (data/collate.pack_encoded) passes position_ids and attention_mask=None. No KV cache: with
+        one, transformers would not look for packed rows, and a scorer never decodes anyway.
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state  # (B, T, d)
         feats = hidden[readout_batch, readout_pos].float()  # gather before the heads: (N, d)
         return self.heads(feats)
 
     def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(µ, σ) per read-out position for a collated batch (see data/collate.py)."""
-        logits = self(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
+        logits = self(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"],
+                      batch.get("position_ids"))
         return mean_and_std(logits, self.config.unbiased_std)
 
     # -- weights in and out -------------------------------------------------------------------------------------

@@ -120,12 +120,13 @@ class ScoreStage:
     required = ("id", "input_ids", "readout_positions", "valid")
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int = 16, coordinator=None, device: str | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", pack_tokens: int = 0):
         from actprm_ray.model.ensemble_prm import EnsemblePRM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = EnsemblePRM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).to(self.device)
         self.batch_size, self.coordinator, self.version = batch_size, coordinator, 0
+        self.pack_tokens = pack_tokens
 
     def _refresh_weights(self) -> None:
         if self.coordinator is None:
@@ -148,7 +149,7 @@ class ScoreStage:
         scores = score_encoded(
             self.model,
             [{"input_ids": batch["input_ids"][i], "readout_positions": batch["readout_positions"][i]} for i in valid],
-            batch_size=self.batch_size, device=self.device)
+            batch_size=self.batch_size, device=self.device, pack_tokens=self.pack_tokens)
         means, stds = [[] for _ in range(n)], [[] for _ in range(n)]
         for i, s in zip(valid, scores):
             means[i], stds[i] = s["step_mean"], s["step_std"]
