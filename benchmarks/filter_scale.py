@@ -119,6 +119,18 @@ def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_
             "log": str(log_path)}
 
 
+def make_report(runs: list[dict], n_heads: int, shard_rows: int, chunk_rows: int) -> dict:
+    report = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end",
+              "model": f"tiny backbone (hidden 64, 2 layers), {n_heads} heads", "shard_rows": shard_rows,
+              "chunk_rows": chunk_rows, "runs": runs}
+    if len(runs) >= 2:
+        small, big = runs[0], runs[-1]
+        report["peak_pss_ratio"] = big["peak_pss_gib"] / small["peak_pss_gib"]
+        report["peak_rss_ratio"] = big["peak_rss_gib"] / small["peak_rss_gib"]
+        report["time_per_row_ratio"] = (big["wall_s"] / big["rows"]) / (small["wall_s"] / small["rows"])
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=None, help="pool sizes (default 100000; dry run 200 400)")
@@ -154,16 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
         r["pool_generation_s"] = gen_s
         runs.append(r)
         print(f"[b2] {n} rows: {r['wall_s']:.0f}s, peak Σ PSS {r['peak_pss_gib']:.2f} GiB", flush=True)
-    report = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f} at the end",
-              "model": f"tiny backbone (hidden 64, 2 layers), {a.n_heads} heads", "shard_rows": shard_rows,
-              "chunk_rows": chunk_rows, "runs": runs}
-    if len(runs) >= 2:
-        small, big = runs[0], runs[-1]
-        report["peak_pss_ratio"] = big["peak_pss_gib"] / small["peak_pss_gib"]
-        report["peak_rss_ratio"] = big["peak_rss_gib"] / small["peak_rss_gib"]
-        report["time_per_row_ratio"] = (big["wall_s"] / big["rows"]) / (small["wall_s"] / small["rows"])
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=2))
+        # Written after every size: a long run cut short still leaves the sizes it finished.
+        report = make_report(runs, a.n_heads, shard_rows, chunk_rows)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2))
     print(f"\nB2 filter scale: {report['machine']}; {report['model']}; shards of {shard_rows} rows, chunks of {chunk_rows}")
     print(f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'steady rows/s':>14} {'start-up s':>10} {'peak ΣRSS GiB':>14} "
           f"{'peak ΣPSS GiB':>14} {'retained':>9}")
