@@ -10,12 +10,13 @@
            _done/part-NNNNN.json          the done-marker with the shard's counts, written last
       -> filter_summary.json              counts over all shards (read, scored, retained, invalid, fraction)
 
-Why chunks: a row's µ depends, in its last bits, on which rows share its padded forward batch. A chunk is a
-fixed slice of one shard, every pipeline call sees whole chunks (batch_size=None) and the scorer batches only
-inside a chunk, so each row is scored with the same neighbours in every run, whatever happened before a kill.
-A shard's outputs are moved into place before its marker is written, so a rerun with the same output skips
-exactly the finished shards and the result equals an uninterrupted run's. Memory is flat in the number of
-rows: the driver holds one chunk at a time, Ray Data's object-store budget bounds what is in flight.
+Why chunks: a row's µ depends, in its last bits, on which rows share its forward batch (padded, or packed into one
+line with pipeline.score_pack_tokens: the kernels' shapes change either way). A chunk is a fixed slice of one shard,
+every pipeline call sees whole chunks (batch_size=None) and the scorer batches only inside a chunk, so each row is
+scored with the same neighbours in every run, whatever happened before a kill. A shard's outputs are moved into
+place before its marker is written, so a rerun with the same output skips exactly the finished shards and the result
+equals an uninterrupted run's. Memory is flat in the number of rows: the driver holds one chunk at a time, Ray
+Data's object-store budget bounds what is in flight.
 
 Bad rows (data/shards.py, CanonicalizeStage) go to invalid/ with their reason. Duplicate ids are not detected
 here: that needs every id on the driver, and the filter keeps its memory flat. Each occurrence is scored on

@@ -14,6 +14,11 @@ RAY_ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray kills a task worker that has been idle for this long whenever the node has more idle workers than free
+    # CPUs (default 1 s). Stage actors hold fractional CPUs, so on a small node that is the normal state, and Ray
+    # Data's short read/select tasks then keep starting fresh workers that spend seconds importing: the 1M-row
+    # filter (B2) started 645 workers and dropped from 167 to ~131 rows/s at minute 11. benchmarks/worker_churn.py.
+    "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
 
 

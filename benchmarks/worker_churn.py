@@ -1,0 +1,120 @@
+"""Ray worker churn: waves of short tasks next to fractional-CPU actors, Ray's idle-worker keep-alive vs ours.
+
+Why it exists: B2's 1M-row filter dropped from 167 to ~131 rows/s at minute 11 and started 645 worker processes
+over its two hours (the 100K run: 12). Ray (2.60) kills an idle task worker once it has been idle for idle_worker_killing_time_threshold_ms
+(default 1 s) and the node has more idle workers than free CPUs. The stage actors hold fractional CPUs, so on a
+small node that is the normal state, and Ray Data's short read/select tasks kept landing on freshly started
+workers that first spend seconds importing. actprm_ray raises the threshold (RAY_ENV_DEFAULTS in
+actprm_ray/pipeline/ray_env.py).
+
+The same pattern without Ray Data: a local 2-CPU instance, two actors at 0.25 CPU, and waves of --burst tasks
+(0.25 CPU each, importing torch like our stage modules do) every --gap_s seconds for --seconds. Each setting runs
+in a fresh subprocess. Reported: worker processes the raylet started (its per-worker log files; the actors' two
+included), how many distinct ones ran a task, and seconds per wave.
+
+    python benchmarks/worker_churn.py                 # 2 x 90 s
+    python benchmarks/worker_churn.py --dry_run       # 2 x 15 s (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+KEEP_ALIVE = "RAY_idle_worker_killing_time_threshold_ms"
+
+
+def waves(seconds: float, burst: int, gap_s: float) -> dict:
+    """Runs in the child: one local Ray instance, waves of tasks until `seconds` have passed."""
+    import ray
+
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote(num_cpus=0.25)
+    class Holder:  # stands in for a stage actor (canonicalize, score): holds a CPU share, does nothing here
+        def ping(self) -> int:
+            return os.getpid()
+
+    @ray.remote(num_cpus=0.25)
+    def short_task() -> int:
+        import torch  # noqa: F401  (a cold worker pays this import, as Ray Data's workers pay ours)
+
+        time.sleep(0.05)
+        return os.getpid()
+
+    holders = [Holder.remote() for _ in range(2)]
+    ray.get([h.ping.remote() for h in holders])
+    pids: set[int] = set()
+    wave_s: list[float] = []
+    end = time.time() + seconds
+    while time.time() < end:
+        t = time.perf_counter()
+        pids.update(ray.get([short_task.remote() for _ in range(burst)]))
+        wave_s.append(time.perf_counter() - t)
+        time.sleep(gap_s)
+    # Every worker process the raylet starts writes one of these, including those it kills before they run a task.
+    started = len(list((Path(ctx.address_info["session_dir"]) / "logs").glob("python-core-worker-*.log")))
+    ray.shutdown()
+    return {"waves": len(wave_s), "workers_started": started, "workers_that_ran_tasks": len(pids), "wave_s_median": statistics.median(wave_s),
+            "wave_s_mean": statistics.mean(wave_s), "wave_s_max": max(wave_s)}
+
+
+def run_setting(keep_alive_ms: str | None, a: argparse.Namespace) -> dict:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop(KEEP_ALIVE, None)
+    if keep_alive_ms is not None:
+        env[KEEP_ALIVE] = keep_alive_ms
+    cmd = [sys.executable, __file__, "--child", "--seconds", str(a.seconds), "--burst", str(a.burst),
+           "--gap_s", str(a.gap_s)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.seconds + 300)
+    if r.returncode != 0:
+        raise SystemExit(f"child failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"setting": f"{KEEP_ALIVE}={keep_alive_ms}" if keep_alive_ms else "Ray default (1000 ms)", **result}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=None, help="length of each setting's run (default 90; dry 15)")
+    ap.add_argument("--burst", type=int, default=6, help="tasks per wave")
+    ap.add_argument("--gap_s", type=float, default=2.0, help="pause between waves (> Ray's 1 s default keep-alive)")
+    ap.add_argument("--dry_run", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "worker_churn.json"))
+    a = ap.parse_args(argv)
+    a.seconds = a.seconds or (15.0 if a.dry_run else 90.0)
+    if a.child:
+        print(json.dumps(waves(a.seconds, a.burst, a.gap_s)))
+        return {}
+
+    from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+
+    runs = [run_setting(None, a), run_setting(RAY_ENV_DEFAULTS[KEEP_ALIVE], a)]
+    report = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs", "seconds": a.seconds, "burst": a.burst,
+              "gap_s": a.gap_s, "runs": runs}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(f"\nWorker churn: {report['machine']}; waves of {a.burst} tasks every {a.gap_s} s for {a.seconds:.0f} s, "
+          "next to two 0.25-CPU actors")
+    print(f"{'setting':<48} {'waves':>6} {'workers started':>16} {'ran tasks':>10} {'wave s median':>14} "
+          f"{'wave s max':>11}")
+    for r in runs:
+        print(f"{r['setting']:<48} {r['waves']:>6} {r['workers_started']:>16} {r['workers_that_ran_tasks']:>10} "
+              f"{r['wave_s_median']:>14.2f} {r['wave_s_max']:>11.2f}")
+    print(f"JSON: {a.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
