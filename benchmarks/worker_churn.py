@@ -70,9 +70,11 @@ def waves(seconds: float, burst: int, gap_s: float) -> dict:
 
 
 def run_setting(keep_alive_ms: str | None, a: argparse.Namespace) -> dict:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop(KEEP_ALIVE, None)
+    from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+
+    # The environment our jobs give a local Ray, with and without the one setting under test.
+    env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+    env.pop(KEEP_ALIVE)
     if keep_alive_ms is not None:
         env[KEEP_ALIVE] = keep_alive_ms
     cmd = [sys.executable, __file__, "--child", "--seconds", str(a.seconds), "--burst", str(a.burst),
