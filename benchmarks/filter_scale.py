@@ -96,8 +96,9 @@ def make_pool(n: int, shard_rows: int, directory: Path, seed: int = 0) -> float:
 def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_s: float, resume: bool = False) -> dict:
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+
+    env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(REPO / "jobs" / "filter.py"), "--checkpoint", str(ckpt), "--input", str(pool),
            "--output", str(out), "--chunk_rows", str(chunk_rows), "pipeline.status_every_s=60"]
     log_path = out.parent / f"{out.name}{'.resumed' if resume else ''}.log"

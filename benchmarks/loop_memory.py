@@ -25,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_size(n: int, work: Path, sample_s: float) -> dict:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+
+    env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
     name = f"loop_{n}"
     cmd = [sys.executable, str(REPO / "jobs" / "active_train.py"), f"run.output_dir={work}", f"run.name={name}",
            f"data.synthetic_rows={n}", "train.total_steps=100000", "pipeline.status_every_s=30"]

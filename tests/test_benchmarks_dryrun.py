@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-       "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {**os.environ, **RAY_ENV_DEFAULTS}
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> None:
@@ -86,6 +87,6 @@ def test_worker_churn_dry_run_keep_alive_reuses_workers(tmp_path):
     _run("worker_churn.py", "--out", str(out))
     default, ours = json.loads(out.read_text())["runs"]
     assert default["setting"].startswith("Ray default") and "60000" in ours["setting"]
-    assert default["waves"] >= 2 and ours["waves"] >= 2
+    assert default["waves"] == ours["waves"] == 8  # a count, not a time: a slow CI machine still runs every wave
     # Ray's 1 s keep-alive kills the extra workers between waves (2 s apart) and restarts them; ours keeps them.
     assert ours["workers_started"] < default["workers_started"]

@@ -20,10 +20,9 @@ from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
 from actprm_ray.data.synthetic import generate_pool, write_pool
 from actprm_ray.pipeline.filter import (CarryCanonicalizeStage, FilterArgs, list_shards, parse_filter_args,
                                         plan_chunks, read_chunk, reason_kind, resolve_model_dir, run_filter)
+from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +276,7 @@ def test_kill_and_rerun_equals_uninterrupted_run(ray_local, checkpoint, tmp_path
     assert 0 < reference["retained"] < reference["read"] == 6 * 48
 
     out = tmp_path / "killed"
-    env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(_filter_cmd(checkpoint, pool, out), env=env, stdout=log, stderr=subprocess.STDOUT)
     done_at_kill = 0
