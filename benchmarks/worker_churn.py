@@ -1,17 +1,17 @@
 """Ray worker churn: waves of short tasks next to fractional-CPU actors, Ray's idle-worker keep-alive vs ours.
 
 Why it exists: B2's 1M-row filter dropped from 167 to ~131 rows/s at minute 11 and started 645 worker processes
-over its two hours (the 100K run: 12). Ray (2.60) kills an idle task worker once it has been idle for idle_worker_killing_time_threshold_ms
-(default 1 s) and the node has more idle workers than free CPUs. The stage actors hold fractional CPUs, so on a
-small node that is the normal state, and Ray Data's short read/select tasks kept landing on freshly started
-workers that first spend seconds importing. actprm_ray raises the threshold (RAY_ENV_DEFAULTS in
-actprm_ray/pipeline/ray_env.py).
+over its two hours (the 100K run: 12). Ray (2.60) kills an idle task worker once it has been idle for
+idle_worker_killing_time_threshold_ms (default 1 s) and the node has more idle workers than free CPUs. The stage
+actors hold fractional CPUs, so on a small node that is the normal state, and Ray Data's short read/select tasks
+kept landing on freshly started workers that first spend seconds importing. actprm_ray raises the threshold
+(RAY_ENV_DEFAULTS in actprm_ray/pipeline/ray_env.py).
 
 The same pattern without Ray Data: a local 2-CPU instance, two actors at 0.25 CPU, and --waves waves of --burst
 tasks (0.25 CPU each, importing torch like our stage modules do), --gap_s seconds apart. Each setting runs in a
 fresh subprocess. The run is a count of waves, not a length of time, so a slow machine (the first wave's cold
-imports take 10+ s) still gets every wave. Reported: worker processes the raylet started (its per-worker log files; the actors' two
-included), how many distinct ones ran a task, and seconds per wave.
+imports take 10+ s) still gets every wave. Reported: worker processes the raylet started (its per-worker log
+files; the actors' two included), how many distinct ones ran a task, and seconds per wave.
 
     python benchmarks/worker_churn.py                 # 2 x 36 waves (~90 s each)
     python benchmarks/worker_churn.py --dry_run       # 2 x 8 waves (~35 s each, CI)
@@ -31,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS  # noqa: E402  (after the path above)
 
 KEEP_ALIVE = "RAY_idle_worker_killing_time_threshold_ms"
 
@@ -66,13 +68,12 @@ def run_waves(n_waves: int, burst: int, gap_s: float) -> dict:
     # Every worker process the raylet starts writes one of these, including those it kills before they run a task.
     started = len(list((Path(ctx.address_info["session_dir"]) / "logs").glob("python-core-worker-*.log")))
     ray.shutdown()
-    return {"waves": len(wave_s), "seconds": round(time.perf_counter() - t0, 1), "workers_started": started, "workers_that_ran_tasks": len(pids), "wave_s_median": statistics.median(wave_s),
+    return {"waves": len(wave_s), "seconds": round(time.perf_counter() - t0, 1), "workers_started": started,
+            "workers_that_ran_tasks": len(pids), "wave_s_median": statistics.median(wave_s),
             "wave_s_mean": statistics.mean(wave_s), "wave_s_max": max(wave_s)}
 
 
 def run_setting(keep_alive_ms: str | None, a: argparse.Namespace) -> dict:
-    from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
-
     # The environment our jobs give a local Ray, with and without the one setting under test.
     env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
     env.pop(KEEP_ALIVE)
@@ -100,8 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
     if a.child:
         print(json.dumps(run_waves(a.waves, a.burst, a.gap_s)))
         return {}
-
-    from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
 
     runs = [run_setting(None, a), run_setting(RAY_ENV_DEFAULTS[KEEP_ALIVE], a)]
     report = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs", "waves": a.waves, "burst": a.burst,
