@@ -57,8 +57,6 @@ class SelectionConfig:
     random_rate: float = 0.5  # selection probability in mode=random (match it to the active arm's label rate)
     seed: int = 0  # seed of mode=random (per-row hash, so independent of batching)
     inline: bool = False  # paper's Algorithm 1: select inside the trainer's forward pass, no separate scorer
-    max_staleness: int = 4  # rows scored more than this many versions ago are handled by `stale_policy`
-    stale_policy: str = "train"  # train (label already paid: train and count) | reselect (trainer re-applies §4 with fresh µ/σ)
 
 
 @dataclass
@@ -150,7 +148,7 @@ class JudgeConfig:
     gpu_memory_utilization: float = 0.9  # vLLM share of GPU memory for weights + KV cache
     enforce_eager: bool = False  # skip CUDA graphs (required on CPU; faster start-up for short runs)
     engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, passed as given
-    cache_path: Optional[str] = None  # SQLite label cache file (None = no cache)
+    cache_path: Optional[str] = None  # label cache folder, part of the run ledger (None = no cache; runs default to <run dir>/ledger/labels)
     sep: str = DEFAULT_SEP  # PRM step separator, removed from the text before judging (as for the PRM input)
     http: HttpJudgeConfig = field(default_factory=HttpJudgeConfig)
 
@@ -198,7 +196,6 @@ _CHOICES = {
     "model.init": ("normal", "truncated"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "selection.mode": ("active", "all", "random", "none"),
-    "selection.stale_policy": ("train", "reselect"),
     "loss.bce": ("pooled", "per_trajectory"),
     "loss.regularizer": ("element_mean", "per_head_sum"),
     "train.publish": ("full", "heads"),
@@ -212,7 +209,7 @@ _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Config keys naming files a run writes; relative values are resolved against the run directory.
 OUTPUT_PATH_KEYS = ("labeler.judge.cache_path",)
-DEFAULT_LABEL_CACHE = "label_cache.sqlite"
+DEFAULT_LABEL_CACHE = "ledger/labels"  # inside the run ledger (actprm_ray/ledger.py)
 
 
 def run_dir(cfg: Config) -> Path:

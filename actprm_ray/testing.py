@@ -2,7 +2,7 @@
 
 `JudgeServer` is a real OpenAI-compatible chat-completions server on loopback. It counts every billed request
 per attempt (prompt and seed: what a hosted judge would bill) and can misbehave at random: HTTP 500, a dropped
-connection, or a garbage critique. `kill_actor_processes` SIGKILLs this Ray cluster's actor processes by title.
+connection, or a garbage critique, and refuse a window of requests with 503 (an outage). `kill_actor_processes` SIGKILLs this Ray cluster's actor processes by title.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class _Handler(BaseHTTPRequestHandler):
         # new key, while re-sending the same attempt (e.g. after a crash) bills the same key twice.
         prompt = json.dumps([body["messages"], body.get("seed")], sort_keys=True)
         with srv.lock:
-            fault = srv.draw_fault()
+            ordinal, srv.requests = srv.requests, srv.requests + 1
+            fault = "outage503" if ordinal in srv.outage else srv.draw_fault()
             srv.faults[fault] += 1
             if fault in ("ok", "garbage"):  # a critique was generated: that is what a judge bills
                 srv.calls[prompt] += 1
@@ -40,6 +41,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "error500":
             return self._reply(500, {"error": "injected"})
+        if fault == "outage503":
+            return self._reply(503, {"error": "judge unavailable"})
         content = CORRECT_VERDICT if fault == "ok" else "I think it is probably fine, maybe."
         self._reply(200, {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
                           "usage": {"prompt_tokens": 40, "completion_tokens": 12}})
@@ -58,8 +61,11 @@ class JudgeServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, fault_rates: dict[str, float] | None = None, seed: int = 0, latency_s: float = 0.0):
+    def __init__(self, fault_rates: dict[str, float] | None = None, seed: int = 0, latency_s: float = 0.0,
+                 outage: range = range(0)):
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.outage = outage  # request ordinals (0-based, in arrival order) answered 503: a judge outage window
+        self.requests = 0
         self.fault_rates = dict(fault_rates or {})
         self.latency_s = latency_s  # think time before each critique: requests are in flight when a labeler dies
         unknown = set(self.fault_rates) - {"error500", "drop", "garbage"}

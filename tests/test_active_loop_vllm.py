@@ -40,7 +40,7 @@ def _cfg(tmp_path, name, backbone_dir, *overrides):
             "labeler.kind=vllm", "labeler.judge.judge_id=tiny-judge", f"labeler.judge.model={backbone_dir}",
             "labeler.judge.dtype=float32", "labeler.judge.enforce_eager=true", "labeler.judge.max_model_len=2048",
             "labeler.judge.max_tokens=600", "labeler.judge.guided_max_analysis_chars=24",
-            f"labeler.judge.cache_path={tmp_path / 'cache.sqlite'}",  # shared by both runs: outside each run dir
+            f"labeler.judge.cache_path={tmp_path / 'cache'}",  # shared by both runs: outside each run dir
             "run.allow_external_paths=true"]
     return load_config(None, base + list(overrides))
 

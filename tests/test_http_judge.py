@@ -191,7 +191,7 @@ def test_exhausted_retries_fail_the_row_and_the_batch_completes(fake_server, mod
     before = fake_server.hits[mode]
     labeler = fake_labeler(fake_server, mode, retries=2, timeout_s=0.3, max_attempts=3)
     out = labeler(make_batch(2))
-    assert list(out["label_status"]) == ["failed", "failed"]
+    assert list(out["label_status"]) == ["transient", "transient"]  # the judge is down, not the rows bad
     for reason in out["label_reason"]:
         assert reason.startswith("http judge failed: gave up after 3 tries") and words in reason
     assert list(out["label_attempts"]) == [1, 1]  # transport failures are not re-sampled with a new seed
@@ -207,7 +207,7 @@ def test_retries_and_errors_are_counted_into_the_shared_budget(fake_server):
     failing = fake_labeler(fake_server, "always500", retries=2, budget=budget)
     failing(make_batch(1, offset=310))
     c = budget.counters
-    assert c["requests"] == 3 and c["ok"] == 2 and c["failed"] == 1 and c["call_errors"] == 1
+    assert c["requests"] == 3 and c["ok"] == 2 and c["transient"] == 1 and c["call_errors"] == 1
     assert c["http_posts"] == 2 + 3 and c["http_retries"] == 2 and c["http_http_500"] == 3
     assert failing.counters()["http_retries"] == 2  # the replica's own running totals
     ok.close()
@@ -228,7 +228,7 @@ def test_retry_after_is_capped_by_max_backoff(fake_server):
     labeler = fake_labeler(fake_server, "retrylong", retries=1, max_backoff_s=0.05)  # the server asks for an hour
     t0 = time.monotonic()
     out = labeler(make_batch(1))
-    assert out["label_status"][0] == "failed" and "HTTP 429" in out["label_reason"][0]
+    assert out["label_status"][0] == "transient" and "HTTP 429" in out["label_reason"][0]
     assert time.monotonic() - t0 < 5
     labeler.close()
 
@@ -251,7 +251,7 @@ def test_retry_after_header_forms(value, low, high):
 ])
 def test_unusable_critiques_are_resampled_then_fail_with_the_parse_reason(fake_server, tmp_path, mode, words):
     budget = LocalBudget()
-    labeler = fake_labeler(fake_server, mode, budget=budget, max_attempts=2, cache_path=str(tmp_path / "c.sqlite"))
+    labeler = fake_labeler(fake_server, mode, budget=budget, max_attempts=2, cache_path=str(tmp_path / "labels"))
     out = labeler(make_batch(2))
     assert list(out["label_status"]) == ["failed", "failed"] and list(out["label_attempts"]) == [2, 2]
     assert all(words in r for r in out["label_reason"]), list(out["label_reason"])
@@ -300,7 +300,7 @@ def test_missing_api_key_env_is_a_config_error(monkeypatch):
 
 
 def test_separate_reasoning_is_wrapped_so_its_draft_tags_are_ignored(fake_server, tmp_path):
-    labeler = fake_labeler(fake_server, "reasoning", cache_path=str(tmp_path / "c.sqlite"))
+    labeler = fake_labeler(fake_server, "reasoning", cache_path=str(tmp_path / "labels"))
     out = labeler(make_batch(1))
     assert out["label_status"][0] == "ok" and out["first_error_step"][0] == 1  # not the draft's "Correct"
     stored = labeler.cache.get_many([out["label_key"][0]])[out["label_key"][0]]
@@ -393,7 +393,7 @@ def real_labeler(base_url: str, *, cache=None, budget=None, **judge_kw) -> HttpJ
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_real_vllm_server_guided_labels_and_cache(vllm_server, tmp_path):
-    path = str(tmp_path / "labels.sqlite")
+    path = str(tmp_path / "labels")
     labeler = real_labeler(vllm_server, cache_path=path)
     out = labeler(make_batch(4))
     assert list(out["label_status"]) == ["ok"] * 4, list(out["label_reason"])

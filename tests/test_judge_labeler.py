@@ -94,7 +94,7 @@ def test_failed_parse_is_retried_with_a_new_seed_and_every_attempt_is_paid():
 
 
 def test_out_of_attempts_is_failed_with_the_last_reason_and_cached(tmp_path):
-    cache = LabelCache(tmp_path / "c.sqlite")
+    cache = LabelCache(tmp_path / "labels")
     judge = ScriptedJudge(cfg(max_attempts=2), {"q0": [GARBAGE, "<think>never ends"]}, cache=cache)
     out = judge(make_batch(["q0"]))
     assert out["label_status"][0] == "failed" and "thinking" in out["label_reason"][0]
@@ -104,13 +104,15 @@ def test_out_of_attempts_is_failed_with_the_last_reason_and_cached(tmp_path):
 
 
 def test_second_pass_hits_the_cache_and_pays_nothing(tmp_path):
-    path = tmp_path / "c.sqlite"
+    path = tmp_path / "labels"
     first = ScriptedJudge(cfg(cache_path=str(path)), {"q0": [GOOD_2], "q1": [GARBAGE]})
     out1 = first(make_batch(["q0", "q1"]))
     budget = LocalBudget()
     second = ScriptedJudge(cfg(cache_path=str(path)), {}, budget=budget)  # an empty script: any call would fail
     out2 = second(make_batch(["q0", "q1"]))
-    assert second.calls == [] and budget.labels == 0 and budget.generated_tokens == 0
+    # Both labels are used (granted, as cache hits), and nothing is paid.
+    assert second.calls == [] and budget.labels == 2 and budget.state()["cached"] == 2
+    assert budget.generated_tokens == 0
     assert list(out2["label_cache_hit"]) == [True, True]
     assert list(out2["label_status"]) == ["ok", "failed"] and out2["label_reason"][1] == out1["label_reason"][1]
     assert list(out2["first_error_step"]) == [1, NO_LABEL] and out2["hard_labels"][0] == [1, 0]
@@ -120,7 +122,7 @@ def test_second_pass_hits_the_cache_and_pays_nothing(tmp_path):
 
 
 def test_cache_key_changes_with_sampling(tmp_path):
-    path = str(tmp_path / "c.sqlite")
+    path = str(tmp_path / "labels")
     ScriptedJudge(cfg(cache_path=path), {"q0": [GOOD_2]})(make_batch(["q0"]))
     hotter = ScriptedJudge(cfg(cache_path=path, temperature=0.9), {"q0": [CORRECT]})
     out = hotter(make_batch(["q0"]))
@@ -128,7 +130,7 @@ def test_cache_key_changes_with_sampling(tmp_path):
 
 
 def test_cached_failure_is_retried_when_max_attempts_grew(tmp_path):
-    path = str(tmp_path / "c.sqlite")
+    path = str(tmp_path / "labels")
     once = ScriptedJudge(cfg(cache_path=path, max_attempts=1), {"q0": [GARBAGE]})
     once(make_batch(["q0"]))
     seed_first = once.calls[0][1][0]
@@ -140,16 +142,19 @@ def test_cached_failure_is_retried_when_max_attempts_grew(tmp_path):
     assert stored.attempts == 2 and stored.generated_tokens == len(GARBAGE) + len(GOOD_2)
 
 
-def test_label_budget_marks_the_rest_over_budget_and_hits_are_free(tmp_path):
-    path = str(tmp_path / "c.sqlite")
+def test_label_budget_counts_hits_as_used_but_unpaid_and_marks_the_rest_over_budget(tmp_path):
+    path = str(tmp_path / "labels")
     ScriptedJudge(cfg(cache_path=path), {"q0": [GOOD_2]})(make_batch(["q0"]))
-    budget = LocalBudget(max_labels=1)
+    budget = LocalBudget(max_labels=2)
     judge = ScriptedJudge(cfg(cache_path=path), {"q1": [CORRECT], "q2": [CORRECT]}, budget=budget)
     out = judge(make_batch(["q0", "q1", "q2"]))
     assert list(out["label_status"]) == ["ok", "ok", "over_budget"]
     assert list(out["label_cache_hit"]) == [True, False, False]
     assert out["label_reason"][2] == "label budget exhausted" and out["label_source"][2] == ""
-    assert budget.labels == 1
+    assert budget.labels == 2 and budget.state()["cached"] == 1
+    assert [len(p) for p, _ in judge.calls] == [1]  # paid requests = max_labels - cache hits
+    again = judge(make_batch(["q1", "q2"]))  # a re-run batch: q1's grant is reused, q2 still has no room
+    assert list(again["label_status"]) == ["ok", "over_budget"] and budget.labels == 2
 
 
 def test_token_budget_stops_the_next_batch_and_pending_retries():
@@ -164,14 +169,30 @@ def test_token_budget_stops_the_next_batch_and_pending_retries():
     assert out2["label_status"][0] == "over_budget" and len(judge.calls) == 1
 
 
-def test_a_call_error_fails_the_row_without_retry_or_cache(tmp_path):
-    cache = LabelCache(tmp_path / "c.sqlite")
-    err = Generation("", 0, 0, error="http judge failed: gave up after 3 tries")
-    judge = ScriptedJudge(cfg(max_attempts=3), {"q0": [err], "q1": [GOOD_2]}, cache=cache)
+def test_a_transient_call_error_is_not_final_and_a_rerun_asks_again(tmp_path):
+    cache = LabelCache(tmp_path / "labels")
+    err = Generation("", 0, 0, error="http judge failed: gave up after 3 tries", transient=True)
+    budget = LocalBudget(max_labels=2)
+    judge = ScriptedJudge(cfg(max_attempts=3), {"q0": [err], "q1": [GOOD_2]}, cache=cache, budget=budget)
     out = judge(make_batch(["q0", "q1"]))
-    assert list(out["label_status"]) == ["failed", "ok"]
+    assert list(out["label_status"]) == ["transient", "ok"]
     assert out["label_reason"][0] == "http judge failed: gave up after 3 tries" and out["label_attempts"][0] == 1
-    assert len(judge.calls) == 1 and len(cache) == 1
+    assert len(judge.calls) == 1  # not re-sampled in this run
+    assert len(cache) == 1 and cache.latest([out["label_key"][0]])[out["label_key"][0]].status == "transient"
+    rerun = ScriptedJudge(cfg(max_attempts=3), {"q0": [CORRECT]}, cache=cache, budget=budget)
+    out2 = rerun(make_batch(["q0", "q1"]))
+    assert list(out2["label_status"]) == ["ok", "ok"] and list(out2["label_cache_hit"]) == [False, True]
+    assert budget.labels == 2  # q0's grant is reused: the outage cost no label
+
+
+def test_a_permanent_call_error_is_final_and_recorded(tmp_path):
+    cache = LabelCache(tmp_path / "labels")
+    err = Generation("", 0, 0, error="http judge failed: HTTP 400: 'prompt too long'")
+    judge = ScriptedJudge(cfg(max_attempts=1), {"q0": [err]}, cache=cache)
+    out = judge(make_batch(["q0"]))
+    assert out["label_status"][0] == "failed"
+    again = ScriptedJudge(cfg(max_attempts=1), {}, cache=cache)(make_batch(["q0"]))
+    assert again["label_status"][0] == "failed" and again["label_cache_hit"][0]
 
 
 def test_length_cut_is_named_in_the_reason():
@@ -211,7 +232,7 @@ class DiesInRoundTwo(ScriptedJudge):
 
 def test_a_batch_killed_between_rounds_keeps_what_it_paid(tmp_path):
     """Ray re-runs a batch whose actor died; every round already answered is in the cache by then."""
-    path = tmp_path / "c.sqlite"
+    path = tmp_path / "labels"
     dying = DiesInRoundTwo(cfg(cache_path=str(path), max_attempts=2), {"q0": [GOOD_2], "q1": [GARBAGE]})
     with pytest.raises(ProcessDied):
         dying(make_batch(["q0", "q1"]))
@@ -220,5 +241,5 @@ def test_a_batch_killed_between_rounds_keeps_what_it_paid(tmp_path):
     out = rerun(make_batch(["q0", "q1"]))
     assert list(out["label_status"]) == ["ok", "ok"] and list(out["label_cache_hit"]) == [True, False]
     assert len(rerun.calls) == 1 and len(rerun.calls[0][0]) == 1  # only q1's second attempt is paid again
-    assert rerun.budget.labels == 1  # the q1 retry takes one label from this run's budget
+    assert rerun.budget.labels == 2  # a fresh budget: q0 used from the cache, q1's retry granted
     assert rerun.cache.get_many([out["label_key"][1]])[out["label_key"][1]].attempts == 2  # 1 before + 1 now

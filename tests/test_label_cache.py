@@ -1,10 +1,9 @@
-"""LabelCache: content-hash keys, durable SQLite storage, several writer processes at once."""
+"""LabelCache: content-hash keys, durable storage in a ledger folder, transient records, several writer processes."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-import sqlite3
 
 from actprm_ray.label.base import NO_LABEL
 from actprm_ray.label.cache import CacheEntry, LabelCache, label_key
@@ -37,7 +36,7 @@ def test_key_is_a_sha256_hex_that_depends_on_every_part():
 
 
 def test_round_trip_includes_invalid_results(tmp_path):
-    cache = LabelCache(tmp_path / "labels.sqlite")
+    cache = LabelCache(tmp_path / "labels")
     good = entry("k1", k=-1, mismatch=True)
     bad = entry("k2", status="failed", k=NO_LABEL, reason="no <conclusion> tag", attempts=3, generated_tokens=900)
     cache.put_many([good, bad])
@@ -52,7 +51,7 @@ def test_round_trip_includes_invalid_results(tmp_path):
 
 
 def test_a_later_put_replaces_and_empty_calls_are_no_ops(tmp_path):
-    cache = LabelCache(tmp_path / "labels.sqlite")
+    cache = LabelCache(tmp_path / "labels")
     cache.put_many([])
     assert cache.get_many([]) == {}
     cache.put_many([entry("k", status="failed", k=NO_LABEL, reason="r")])
@@ -60,23 +59,36 @@ def test_a_later_put_replaces_and_empty_calls_are_no_ops(tmp_path):
     assert len(cache) == 1 and cache.get_many(["k"])["k"].k == 2
 
 
-def test_durable_across_instances_and_in_wal_mode(tmp_path):
-    path = tmp_path / "sub" / "labels.sqlite"
+def test_durable_across_instances_and_compaction_keeps_every_entry(tmp_path):
+    path = tmp_path / "sub" / "labels"
     LabelCache(path).put_many([entry("k")])
+    LabelCache(path).put_many([entry("k2", status="failed", k=NO_LABEL, reason="r")])
     assert LabelCache(path).get_many(["k"])["k"].critique == "critique of k"
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    cache = LabelCache(path)
+    assert cache.compact() == 2
+    assert len(list(path.glob("*.parquet"))) == 1
+    assert set(LabelCache(path).get_many(["k", "k2"])) == {"k", "k2"} and len(cache) == 2
+
+
+def test_a_transient_record_is_kept_but_never_a_hit(tmp_path):
+    cache = LabelCache(tmp_path / "labels")
+    cache.put_many([entry("k", status="transient", k=NO_LABEL, reason="HTTP 503", prompt_tokens=0,
+                          generated_tokens=0)])
+    assert cache.get_many(["k"]) == {} and len(cache) == 0
+    assert cache.latest(["k"])["k"].reason == "HTTP 503"
+    cache.put_many([entry("k", k=0)])  # the rerun's answer replaces it
+    assert LabelCache(tmp_path / "labels").get_many(["k"])["k"].status == "ok"
 
 
 def test_many_keys_beyond_one_statement(tmp_path):
-    cache = LabelCache(tmp_path / "labels.sqlite")
+    cache = LabelCache(tmp_path / "labels")
     cache.put_many([entry(f"k{i}", k=i % 3 - 1) for i in range(1234)])
     got = cache.get_many([f"k{i}" for i in range(0, 1234, 1)] + ["k5"])  # a duplicate key is fine
     assert len(got) == 1234 and got["k1000"].k == 1000 % 3 - 1
 
 
 def test_pickles_without_its_connection(tmp_path):
-    cache = LabelCache(tmp_path / "labels.sqlite")
+    cache = LabelCache(tmp_path / "labels")
     cache.put_many([entry("k")])
     clone = pickle.loads(pickle.dumps(cache))
     assert clone.get_many(["k"])["k"].status == "ok"
@@ -92,8 +104,8 @@ def _writer(path: str, worker: int, rounds: int, per_round: int) -> None:
 
 
 def test_several_processes_write_at_once(tmp_path):
-    path = str(tmp_path / "labels.sqlite")
-    LabelCache(path)  # create the schema once, as the driver would
+    path = str(tmp_path / "labels")
+    LabelCache(path)  # create the folder once, as the driver would
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(path, w, 20, 10)) for w in range(4)]
     for p in procs:

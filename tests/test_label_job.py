@@ -20,7 +20,7 @@ def test_label_job_training_rows_and_budget(ray_local, tmp_path):
     write_pool(rows, tmp_path / "in.jsonl")
     cfg = load_config(None, ["budget.max_labels=20", "pipeline.label_batch_size=8"])
     summary = run_label(cfg, LabelArgs(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out")))
-    assert summary["status"] == {"ok": 20, "failed": 0, "skipped": 0, "over_budget": 10, "invalid_input": 0}
+    assert summary["status"] == {"ok": 20, "failed": 0, "transient": 0, "skipped": 0, "over_budget": 10, "invalid_input": 0}
     out = pads.dataset(str(tmp_path / "out" / "labelled"), format="parquet").to_table().to_pylist()
     assert sorted(r["id"] for r in out) == sorted(r["id"] for r in rows)  # every row comes out exactly once
     truth = {r["id"]: r["first_error_step"] for r in rows}

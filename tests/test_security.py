@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import sys
 import threading
 import types
@@ -22,6 +21,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from actprm_ray.config import ConfigError, load_config, resolve_output_path, to_yaml
+from actprm_ray.label.cache import LabelCache
 from actprm_ray.label.judge import Generation, JudgeConfig, JudgeLabeler
 from actprm_ray.label.parse import parse_judge_output
 
@@ -148,7 +148,7 @@ def test_code_in_a_critique_becomes_a_failed_or_textual_label_and_is_cached_verb
     marker = tmp_path / "executed"
     payloads = _payloads(marker)
     n = len(payloads)
-    labeler = _Scripted(list(payloads), cache_path=str(tmp_path / "c.sqlite"))
+    labeler = _Scripted(list(payloads), cache_path=str(tmp_path / "labels"))
     steps = np.empty(n, dtype=object)
     for i in range(n):
         steps[i] = ["a", "b", "c"]
@@ -247,22 +247,22 @@ def test_the_api_key_reaches_the_judge_and_nothing_we_write(ray_local, echoing_j
         "labeler.kind=http", "labeler.judge.judge_id=echo", "labeler.judge.model=echo",
         f"labeler.judge.http.base_url=http://127.0.0.1:{port}/v1", f"labeler.judge.http.api_key_env={KEY_ENV}",
         "labeler.judge.http.qps=0", "labeler.judge.http.max_retries=1", "labeler.judge.http.backoff_s=0.01",
-        "labeler.judge.http.timeout_s=30", "labeler.judge.cache_path=cache/judge.sqlite",
+        "labeler.judge.http.timeout_s=30", "labeler.judge.cache_path=cache/judge",
         "pipeline.label_batch_size=4"])
     assert MARKER not in to_yaml(cfg)
     out = tmp_path / "out"
     summary = run_label(cfg, LabelArgs(input=str(tmp_path / "in.jsonl"), output=str(out)))
 
     assert set(echoing_judge.auth) == {f"Bearer {MARKER}"}  # the key did reach the judge
-    assert (summary["status"]["ok"], summary["status"]["failed"]) == (4, 4)
+    # 500s after the retries are transient (a rerun asks again); 400s are permanent.
+    assert (summary["status"]["ok"], summary["status"]["failed"], summary["status"]["transient"]) == (4, 2, 2)
     assert summary["judge"]["http_retries"] == 2 and summary["judge"]["http_http_500"] == 4
     assert summary["judge"]["http_http_400"] == 2 and summary["judge"]["requests"] == 8
     labelled = pads.dataset(out / "labelled", format="parquet").to_table().to_pylist()
-    reasons = [r["label_reason"] for r in labelled if r["label_status"] == "failed"]
+    reasons = [r["label_reason"] for r in labelled if r["label_status"] in ("failed", "transient")]
     assert len(reasons) == 4 and all("Bearer ***" in r for r in reasons), reasons
-    cache = out / "cache" / "judge.sqlite"  # the relative cache path lands inside the output folder
-    with sqlite3.connect(cache) as db:
-        critiques = [c for (c,) in db.execute("SELECT critique FROM labels")]
+    cache = out / "cache" / "judge"  # the relative cache path lands inside the output folder
+    critiques = [e.critique for e in LabelCache(cache).all_entries() if e.critique]
     assert len(critiques) == 4 and sum("seen Bearer ***" in c for c in critiques) == 2
 
     assert _texts_holding(out, MARKER) == []

@@ -90,11 +90,11 @@ def test_unguided_random_model_fails_with_reasons_and_no_crash(engine_labeler):
 
 
 def test_second_pass_with_the_same_cache_makes_no_engine_call(engine_labeler, tmp_path):
-    cache = LabelCache(tmp_path / "labels.sqlite")
+    cache = LabelCache(tmp_path / "labels")
     first = with_config(engine_labeler, cache=cache)
     out1 = first(make_batch(5, offset=10))
     assert first.stats["requests"] == 5
-    again = with_config(engine_labeler, cache=LabelCache(tmp_path / "labels.sqlite"), budget=LocalBudget(max_labels=0))
+    again = with_config(engine_labeler, cache=LabelCache(tmp_path / "labels"), budget=LocalBudget(max_labels=0))
     out2 = again(make_batch(5, offset=10))
     assert again.stats["requests"] == 0 and again.stats["generate_calls"] == 0
     assert list(out2["label_cache_hit"]) == [True] * 5 and list(out2["judge_tokens"]) == [0] * 5
@@ -171,7 +171,7 @@ def test_a_labeler_actor_killed_mid_batch_is_restarted_and_its_batches_rerun(tin
     ctx = ray.data.DataContext.get_current()
     saved_timeout = ctx.execution_no_progress_timeout_s
     ctx.execution_no_progress_timeout_s = max(saved_timeout, 300)  # two engine starts on a loaded 2-core box
-    config = tiny_config(tiny_backbone_dir, cache_path=str(tmp_path / "labels.sqlite"))
+    config = tiny_config(tiny_backbone_dir, cache_path=str(tmp_path / "labels"))
     rows = [dict(id=f"r{i}", question=f"Ann has {i} pens and gets 2 more. How many?",
                  steps=[f"{i} + 2 = {i + 2}.", "So that is the answer."], selected=i != 5) for i in range(8)]
     ds = ray.data.from_items(rows).map_batches(

@@ -6,12 +6,13 @@ carries all rows and accounting stays 1:1. Batches are Ray's numpy format: dict[
 columns as object arrays.
 
 Columns a labeler writes (one value per row, for every row):
-    label_status         "ok" | "failed" | "skipped" (not selected) | "over_budget"
+    label_status         "ok" | "failed" (permanent) | "transient" (judge unreachable: not final, a rerun asks
+                         again) | "skipped" (not selected) | "over_budget"
     label_reason         "" when ok, else a specific reason
     first_error_step     int; -1 = all correct; NO_LABEL when there is no label
     hard_labels          list[int] (METHOD §1); [] when there is no label
     label_source         "oracle" | "vllm:<judge>" | "http:<judge>" | "" ; cache hits keep the original source
-    label_key            content hash (cache key) or ""
+    label_key            content hash (cache key; "oracle:<id>" for the oracle) or ""
     label_cache_hit      bool
     judge_prompt_tokens  int, prompt tokens paid for this row (0 on a cache hit)
     judge_tokens         int, generated tokens paid for this row (0 on a cache hit)
@@ -44,12 +45,15 @@ LABEL_COLUMNS = (
 
 
 class LabelBudget(Protocol):
-    """Hard caps shared by every labeler replica (a Ray actor in a run, LocalBudget in tests)."""
+    """Hard caps shared by every labeler replica (the run's coordinator actor in a run, LocalBudget in tests)."""
 
-    def reserve(self, n: int) -> int:
-        """Ask for n labels; returns how many are granted (0..n). Granted labels count as used."""
+    def grant(self, keys: list[str], cached: list[bool]) -> list[bool]:
+        """Ask for a label per key (cached: the label cache already holds it, so no judge request is needed).
+        Returns one flag per key. Granting is idempotent: a key granted before is granted again at no cost
+        (a re-run batch, a resume), so a fault never spends the budget twice."""
 
-    def spend_tokens(self, prompt_tokens: int, generated_tokens: int) -> None: ...
+    def spend_tokens(self, key: str, prompt_tokens: int, generated_tokens: int) -> None:
+        """One judge response for `key` arrived, costing these tokens."""
 
     def exhausted(self) -> bool: ...
 
@@ -57,40 +61,124 @@ class LabelBudget(Protocol):
         """Labeler counters (judge requests, re-samples, HTTP retries and errors by kind) for the run summary."""
 
 
-class LocalBudget:
-    """In-process budget: max_labels / max_judge_tokens, None = unlimited."""
+class GrantBook:
+    """The budget's pure logic: which label keys are granted, what they cost, which reached the trainer.
 
-    def __init__(self, max_labels: int | None = None, max_judge_tokens: int | None = None):
-        self.max_labels, self.max_judge_tokens = max_labels, max_judge_tokens
-        self.labels = self.prompt_tokens = self.generated_tokens = 0
+    * `max_labels` caps the distinct keys granted over the run's lifetime (cache hits included: the label is
+      used, though not paid again); a key granted once stays granted, so re-asking for it is free.
+    * `max_judge_tokens` is enforced *before* a request is sent: a new uncached key is granted only if the tokens
+      spent plus `tokens_per_request` (the judge's max_tokens) for every request still outstanding, this one
+      included, fit under the cap. First attempts therefore never overshoot; re-samples of an unparseable
+      critique (max_attempts > 1) are only started while the budget is not exhausted, so the overshoot is at most
+      the re-samples in flight x max_tokens. With tokens_per_request = 0 (unknown), the cap is checked after
+      the fact (overshoot: the requests in flight).
+    * The run may stop once the budget is exhausted and every granted key has reached the trainer.
+    """
+
+    def __init__(self, max_labels: int | None = None, max_judge_tokens: int | None = None,
+                 tokens_per_request: int = 0):
+        self.max_labels, self.max_judge_tokens, self.tokens_per_request = max_labels, max_judge_tokens, tokens_per_request
+        self.granted: dict[str, bool] = {}  # key -> served from the cache
+        self.responded: set[str] = set()
+        self.consumed: set[str] = set()
+        self.outstanding = 0  # uncached grants still waiting for their first response
+        self.prompt_tokens = self.generated_tokens = 0
+
+    def restore(self, granted: dict[str, bool], spent: dict[str, tuple[int, int]], consumed: set[str]) -> None:
+        """Rebuild from the ledger: grants, the tokens each granted key's responses cost, keys already final."""
+        self.granted = dict(granted)
+        self.responded = {k for k in spent if k in self.granted}
+        self.prompt_tokens = sum(spent[k][0] for k in self.responded)
+        self.generated_tokens = sum(spent[k][1] for k in self.responded)
+        self.outstanding = 0  # a request outstanding at the crash either answered (in spent) or is re-asked
+        self.consumed = set(consumed) & set(self.granted)
+
+    def _room(self, cached: bool) -> bool:
+        if self.max_labels is not None and len(self.granted) >= self.max_labels:
+            return False
+        if cached or self.max_judge_tokens is None:
+            return True
+        need = (self.outstanding + 1) * self.tokens_per_request
+        return self.generated_tokens + need <= self.max_judge_tokens and self.generated_tokens < self.max_judge_tokens
+
+    def grant(self, keys: list[str], cached: list[bool]) -> tuple[list[bool], list[tuple[str, bool]]]:
+        """(flag per key, the newly granted (key, cached) pairs: what the caller must make durable)."""
+        flags, new = [], []
+        for key, hit in zip(keys, cached):
+            if key in self.granted:
+                flags.append(True)
+            elif self._room(hit):
+                self.granted[key] = hit
+                self.outstanding += int(not hit)
+                new.append((key, hit))
+                flags.append(True)
+            else:
+                flags.append(False)
+        return flags, new
+
+    def spend_tokens(self, key: str, prompt_tokens: int, generated_tokens: int) -> None:
+        if key in self.granted and not self.granted[key] and key not in self.responded:
+            self.outstanding = max(0, self.outstanding - 1)
+        self.responded.add(key)
+        self.prompt_tokens += prompt_tokens
+        self.generated_tokens += generated_tokens
+
+    def exhausted(self) -> bool:
+        over_labels = self.max_labels is not None and len(self.granted) >= self.max_labels
+        over_tokens = (self.max_judge_tokens is not None
+                       and self.generated_tokens + max(1, self.tokens_per_request) > self.max_judge_tokens)
+        return over_labels or over_tokens
+
+    def consume(self, keys: list[str]) -> None:
+        self.consumed.update(k for k in keys if k in self.granted)
+
+    def all_granted_consumed(self) -> bool:
+        return self.exhausted() and len(self.consumed) >= len(self.granted)
+
+    def state(self) -> dict:
+        return dict(labels=len(self.granted), cached=sum(self.granted.values()), consumed=len(self.consumed),
+                    prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
+                    max_labels=self.max_labels, max_judge_tokens=self.max_judge_tokens, exhausted=self.exhausted())
+
+
+class LocalBudget:
+    """In-process budget (tests, single-process tools): a GrantBook behind a lock; None = unlimited."""
+
+    def __init__(self, max_labels: int | None = None, max_judge_tokens: int | None = None,
+                 tokens_per_request: int = 0):
+        self.book = GrantBook(max_labels, max_judge_tokens, tokens_per_request)
         self.counters: Counter = Counter()
         self._lock = threading.Lock()
 
-    def reserve(self, n: int) -> int:
-        with self._lock:
-            if self.exhausted():
-                return 0
-            room = n if self.max_labels is None else max(0, min(n, self.max_labels - self.labels))
-            self.labels += room
-            return room
+    @property
+    def labels(self) -> int:
+        return len(self.book.granted)
 
-    def spend_tokens(self, prompt_tokens: int, generated_tokens: int) -> None:
+    @property
+    def generated_tokens(self) -> int:
+        return self.book.generated_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.book.prompt_tokens
+
+    def grant(self, keys: list[str], cached: list[bool]) -> list[bool]:
         with self._lock:
-            self.prompt_tokens += prompt_tokens
-            self.generated_tokens += generated_tokens
+            return self.book.grant(keys, cached)[0]
+
+    def spend_tokens(self, key: str, prompt_tokens: int, generated_tokens: int) -> None:
+        with self._lock:
+            self.book.spend_tokens(key, prompt_tokens, generated_tokens)
 
     def add_counters(self, counters: dict[str, int]) -> None:
         with self._lock:
             self.counters.update(counters)
 
     def exhausted(self) -> bool:
-        over_labels = self.max_labels is not None and self.labels >= self.max_labels
-        over_tokens = self.max_judge_tokens is not None and self.generated_tokens >= self.max_judge_tokens
-        return over_labels or over_tokens
+        return self.book.exhausted()
 
     def state(self) -> dict:
-        return dict(labels=self.labels, prompt_tokens=self.prompt_tokens, generated_tokens=self.generated_tokens,
-                    max_labels=self.max_labels, max_judge_tokens=self.max_judge_tokens, exhausted=self.exhausted())
+        return self.book.state()
 
 
 def empty_label_columns(n: int) -> dict[str, np.ndarray]:
@@ -125,9 +213,11 @@ class OracleLabeler:
         n = len(batch["id"])
         out = empty_label_columns(n)
         wanted = [i for i in range(n) if bool(batch["selected"][i])]
-        granted = self.budget.reserve(len(wanted)) if wanted else 0
-        for rank, i in enumerate(wanted):
-            if rank >= granted:
+        keys = [f"oracle:{batch['id'][i]}" for i in wanted]
+        granted = self.budget.grant(keys, [False] * len(keys)) if wanted else []
+        for i, key, ok in zip(wanted, keys, granted):
+            out["label_key"][i] = key
+            if not ok:
                 out["label_status"][i], out["label_reason"][i] = "over_budget", "label budget exhausted"
                 continue
             k = int(batch["oracle_first_error_step"][i])

@@ -1,25 +1,29 @@
-"""Content-hash label cache (METHOD §12): a rerun never pays twice for the same judgement.
+"""Content-hash label cache (METHOD §12), kept in the run ledger: a rerun never pays twice for the same judgement.
 
 Key = sha256 over (canonical question, canonical steps, judge id, prompt version, sampling params), as canonical
 JSON. The stored value is the judge's critique plus what we derived from it (k, status, reason) and what it cost,
-INVALID results included: a critique that failed to parse was still paid for.
+INVALID results included: a critique that failed to parse was still paid for. A transient failure (the judge
+could not be reached after the HTTP retries, the engine died) is recorded too, with status "transient", but is
+never served as a hit: a rerun asks again.
 
-Storage is one SQLite file in WAL mode, so several labeler actors (processes) on one node can read while one
-writes. SQLite serialises writers with a file lock; a writer that meets the lock waits (busy_timeout) and we
-retry a few more times on top, because Ray actors may all flush at the end of the same batch. A shared path on
-a network filesystem is not supported by SQLite locking: use one cache file per node there.
+Storage is a ledger folder (actprm_ray/ledger.py) on any pyarrow filesystem: one Parquet part per write, merged
+on read. A process, pod or machine pointed at the same folder sees every label any of them paid for; there is
+no file lock, so several labelers on several nodes write at once, and a shared volume or an object store works.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+import pyarrow as pa
+
+from actprm_ray.ledger import LedgerFolder
+
+OK, FAILED, TRANSIENT = "ok", "failed", "transient"
 
 
 def label_key(question: str, steps: list[str], judge_id: str, prompt_version: str, sampling: dict) -> str:
@@ -39,7 +43,8 @@ def label_key(question: str, steps: list[str], judge_id: str, prompt_version: st
 
 @dataclass
 class CacheEntry:
-    """One stored judgement. status is "ok" or "failed" (INVALID); k is the first error step or NO_LABEL."""
+    """One stored judgement. status: "ok", "failed" (INVALID, permanent) or "transient" (not a judgement: the
+    judge was unreachable); k is the first error step or NO_LABEL."""
 
     key: str
     status: str
@@ -55,118 +60,96 @@ class CacheEntry:
     created_at: float = 0.0
 
 
-_COLUMNS = tuple(CacheEntry.__dataclass_fields__)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS labels (
-    key TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    k INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    critique TEXT NOT NULL,
-    source TEXT NOT NULL,
-    num_steps INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    generated_tokens INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    mismatch INTEGER NOT NULL,
-    created_at REAL NOT NULL
-)
-"""
-# SQLite caps the number of host parameters per statement (32766 in modern builds, 999 in old ones).
-_CHUNK = 500
+LABEL_SCHEMA = pa.schema([
+    ("key", pa.string()), ("status", pa.string()), ("k", pa.int64()), ("reason", pa.string()),
+    ("critique", pa.string()), ("source", pa.string()), ("num_steps", pa.int64()), ("prompt_tokens", pa.int64()),
+    ("generated_tokens", pa.int64()), ("attempts", pa.int64()), ("mismatch", pa.bool_()),
+    ("created_at", pa.float64()),
+])
 
 
 class LabelCache:
-    """Durable key -> CacheEntry store in one SQLite file; picklable (it reconnects lazily in each process).
+    """Durable key -> CacheEntry store in a ledger folder (a local path or a pyarrow URI); picklable.
 
-    Args:
-        path: the SQLite file; parent folders are created.
-        busy_timeout_s: how long one statement waits for another writer's lock.
-        retries: extra attempts after a "database is locked" error, with a short growing sleep.
+    Each process keeps an index of the parts it has read and reads only new parts on a lookup, so the cost of
+    a lookup is one listing plus the parts written since. A later judgement of the same key wins.
     """
 
-    def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 30.0, retries: int = 5):
-        self.path = str(Path(path))
-        self.busy_timeout_s, self.retries = busy_timeout_s, retries
-        self._local = threading.local()
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._run(lambda c: c.execute(_SCHEMA))
+    def __init__(self, path):
+        self.folder = LedgerFolder(str(path), LABEL_SCHEMA)
+        self.path = self.folder.uri
+        self._init_index()
 
-    # Connections are per thread and per process: never pickle them into Ray actors.
+    def _init_index(self) -> None:
+        self._entries: dict[str, CacheEntry] = {}
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
     def __getstate__(self):
-        return {"path": self.path, "busy_timeout_s": self.busy_timeout_s, "retries": self.retries}
+        return {"path": self.path}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
+        self.__init__(state["path"])
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn, self._local.pid = conn, os.getpid()
-        return conn
-
-    def _run(self, fn):
-        for attempt in range(self.retries + 1):
-            try:
-                return fn(self._conn())
-            except sqlite3.OperationalError as e:
-                lock_error = "locked" in str(e) or "busy" in str(e)
-                if not lock_error or attempt == self.retries:
-                    raise
-                time.sleep(0.05 * 2**attempt)
+    def refresh(self) -> None:
+        """Read the parts written (by anyone) since the last refresh."""
+        with self._lock:
+            new = [n for n in self.folder.part_names() if n not in self._seen]
+            if not new:
+                return
+            rows = self.folder.read_parts(new).to_pylist()
+            for row in sorted(rows, key=lambda r: r["created_at"]):
+                entry = CacheEntry(**row)
+                old = self._entries.get(entry.key)
+                if old is None or old.created_at <= entry.created_at:
+                    self._entries[entry.key] = entry
+            self._seen.update(new)
 
     def get_many(self, keys: list[str]) -> dict[str, CacheEntry]:
-        """The stored entries for those keys that are present (missing keys are simply absent)."""
-        found: dict[str, CacheEntry] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _CHUNK):
-            chunk = unique[start:start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT {','.join(_COLUMNS)} FROM labels WHERE key IN ({marks})"
-            for row in self._run(lambda c: c.execute(sql, chunk).fetchall()):
-                entry = CacheEntry(*row)
-                entry.mismatch = bool(entry.mismatch)
-                found[entry.key] = entry
-        return found
+        """The stored judgements (ok or failed) for those keys that have one; transient records are not hits."""
+        self.refresh()
+        return {k: e for k in dict.fromkeys(keys) if (e := self._entries.get(k)) is not None and e.status != TRANSIENT}
+
+    def latest(self, keys: list[str]) -> dict[str, CacheEntry]:
+        """The newest record of each key, transient ones included."""
+        self.refresh()
+        return {k: self._entries[k] for k in dict.fromkeys(keys) if k in self._entries}
 
     def put_many(self, entries: list[CacheEntry]) -> None:
-        """Insert or replace entries in one transaction (a later judgement of the same key wins)."""
+        """Append entries as one part (durable when this returns)."""
         if not entries:
             return
         now = time.time()
-        rows = [tuple(asdict(e).values()) for e in entries]
-        rows = [r[:-1] + ((r[-1] or now),) for r in rows]
-        sql = f"INSERT OR REPLACE INTO labels ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})"
+        rows = [{**asdict(e), "created_at": e.created_at or now} for e in entries]
+        name = self.folder.append(rows, tag="labels")
+        with self._lock:
+            for row in rows:
+                self._entries[row["key"]] = CacheEntry(**row)
+            self._seen.add(name)
 
-        def write(c: sqlite3.Connection):
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                c.executemany(sql, rows)
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-
-        self._run(write)
+    def all_entries(self) -> list[CacheEntry]:
+        self.refresh()
+        return list(self._entries.values())
 
     def __len__(self) -> int:
-        return self._run(lambda c: c.execute("SELECT COUNT(*) FROM labels").fetchone()[0])
+        """Keys with a judgement (transient records excluded)."""
+        return sum(1 for e in self.all_entries() if e.status != TRANSIENT)
 
     def stats(self) -> dict:
         """Counts by status and the tokens the stored judgements cost originally (what a rerun saves)."""
-        rows = self._run(
-            lambda c: c.execute(
-                "SELECT status, COUNT(*), SUM(prompt_tokens), SUM(generated_tokens) FROM labels GROUP BY status"
-            ).fetchall()
-        )
-        return {s: dict(count=n, prompt_tokens=p or 0, generated_tokens=g or 0) for s, n, p, g in rows}
+        out: dict[str, dict] = {}
+        for e in self.all_entries():
+            s = out.setdefault(e.status, dict(count=0, prompt_tokens=0, generated_tokens=0))
+            s["count"] += 1
+            s["prompt_tokens"] += e.prompt_tokens
+            s["generated_tokens"] += e.generated_tokens
+        return out
+
+    def compact(self) -> int:
+        with self._lock:
+            folded = self.folder.compact()
+            self._init_index()
+        return folded
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        pass

@@ -38,6 +38,7 @@ from actprm_ray.label.prompt import guided_regex
 
 _RETRY_STATUS = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 _SNIPPET_CHARS = 300
+_GAVE_UP = "gave up after"
 
 
 class RateLimiter:
@@ -195,12 +196,14 @@ class HttpJudgeLabeler(JudgeLabeler):
                 wait_hint = _retry_after_s(resp)
             if attempt < h.max_retries:
                 time.sleep(min(h.max_backoff_s, max(h.backoff_s * 2**attempt, wait_hint)))
-        return None, self._redact(f"gave up after {h.max_retries + 1} tries; last error: {error}")
+        return None, self._redact(f"{_GAVE_UP} {h.max_retries + 1} tries; last error: {error}")
 
     def _one(self, prompt: str, seed: int, num_steps: int) -> Generation:
         data, error = self._post(self._body(prompt, seed, num_steps))
         if error is not None:
-            return Generation("", 0, 0, error=f"http judge failed: {error}")
+            # Retries exhausted on a retryable error (5xx, 429, timeout, connection): the judge is down, not the
+            # row bad, so it is transient. Anything else (HTTP 400, a body that is not JSON) is permanent.
+            return Generation("", 0, 0, error=f"http judge failed: {error}", transient=error.startswith(_GAVE_UP))
         try:
             gen = _generation_from(data)
         except MalformedResponse as e:

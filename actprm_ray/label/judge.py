@@ -2,8 +2,8 @@
 
 For the selected rows of a batch:
 
-    canonicalise -> cache lookup (a hit costs nothing) -> budget.reserve(misses) -> generate -> parse
-      -> cache put as each response arrives (INVALID judgements too)
+    canonicalise -> cache lookup -> budget.grant(keys) (a hit uses a label but sends no request) -> generate
+      -> parse -> ledger put as each response arrives (INVALID judgements and transient failures too)
       -> failed parses retried with a new seed, up to max_attempts (every attempt's tokens are spent)
       -> label columns
 
@@ -24,7 +24,7 @@ import numpy as np
 from actprm_ray.config import HttpJudgeConfig, JudgeConfig  # noqa: F401  (re-exported: the schema lives in config)
 from actprm_ray.data.step_format import StepFormatError, labels_from_first_error
 from actprm_ray.label.base import NO_LABEL, LabelBudget, LocalBudget, empty_label_columns
-from actprm_ray.label.cache import CacheEntry, LabelCache, label_key
+from actprm_ray.label.cache import FAILED, TRANSIENT, CacheEntry, LabelCache, label_key
 from actprm_ray.label.parse import ParseResult, parse_judge_output
 from actprm_ray.label.prompt import PROMPT_VERSION, canonical_judge_input, render_judge_prompt
 
@@ -38,6 +38,9 @@ class Generation:
     generated_tokens: int
     finish_reason: str = ""  # "stop" | "length" | ... as the engine reports it
     error: Optional[str] = None
+    # With `error`: True when asking again later may succeed (judge unreachable after the HTTP retries, engine
+    # death); such a row is not final. False: the request itself is bad (prompt too long, HTTP 400).
+    transient: bool = False
 
 
 def judgement_params(config: JudgeConfig) -> dict:
@@ -72,6 +75,7 @@ class _Row:
     text: str = ""
     result: Optional[ParseResult] = None
     call_error: Optional[str] = None
+    transient: bool = False
 
 
 class JudgeLabeler:
@@ -139,22 +143,26 @@ class JudgeLabeler:
             rows.append(_Row(index=i, question=q, steps=steps, key=self.key_for(q, steps)))
 
         cached = self.cache.get_many([r.key for r in rows]) if self.cache is not None and rows else {}
-        misses = []
+        hits: dict[int, object] = {}
         for r in rows:
             entry = cached.get(r.key)
-            if entry is None:
-                misses.append(r)
-            elif entry.status == "failed" and entry.attempts < self.config.max_attempts:
+            if entry is not None and entry.status == "failed" and entry.attempts < self.config.max_attempts:
                 r.prior = entry  # an earlier run gave up sooner (smaller max_attempts or budget): keep trying
-                misses.append(r)
+            elif entry is not None:
+                hits[r.index] = entry
+        # Every label used is granted, a cache hit too (it costs no request): the budget and the stop rule see
+        # every label the trainer will get.
+        granted = self.budget.grant([r.key for r in rows], [r.index in hits for r in rows]) if rows else []
+        judged = []
+        for r, ok in zip(rows, granted):
+            if not ok:
+                out["label_status"][r.index], out["label_reason"][r.index] = "over_budget", "label budget exhausted"
+                out["label_key"][r.index] = r.key
+                self.stats["over_budget"] += 1
+            elif r.index in hits:
+                self._fill_from_cache(out, r, hits[r.index])
             else:
-                self._fill_from_cache(out, r, entry)
-
-        granted = self.budget.reserve(len(misses)) if misses else 0
-        for r in misses[granted:]:
-            out["label_status"][r.index], out["label_reason"][r.index] = "over_budget", "label budget exhausted"
-            self.stats["over_budget"] += 1
-        judged = misses[:granted]
+                judged.append(r)
         if judged:
             self._judge(judged)
             self._fill_judged(out, judged)
@@ -177,9 +185,9 @@ class JudgeLabeler:
                     retry.append(r)
                     self.stats["resamples"] += 1
                 # Stored as each response arrives: if this process dies later, Ray re-runs the batch and what was
-                # already paid comes from the cache (a failure so far counts as `prior`).
-                if r.call_error is None:
-                    self._store([r])
+                # already paid comes from the ledger (a failure so far counts as `prior`). A transient failure is
+                # stored too (the record of what happened), but is never served as a hit.
+                self._store([r])
             if done != len(pending):
                 raise RuntimeError(f"generate_iter returned {done} results for {len(pending)} prompts")
             self.stats["generate_calls"] += 1
@@ -190,14 +198,14 @@ class JudgeLabeler:
         r.attempts += 1
         r.prompt_tokens += g.prompt_tokens
         r.generated_tokens += g.generated_tokens
-        self.budget.spend_tokens(g.prompt_tokens, g.generated_tokens)
+        self.budget.spend_tokens(r.key, g.prompt_tokens, g.generated_tokens)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += g.prompt_tokens
         self.stats["generated_tokens"] += g.generated_tokens
         if g.error is not None:
             # The backend already retried transport errors; a judge that cannot be reached is not an INVALID
-            # judgement, so it is neither re-sampled nor cached.
-            r.call_error = g.error
+            # judgement, so it is not re-sampled; a transient one is asked again on a rerun.
+            r.call_error, r.transient = g.error, g.transient
             return False
         r.text = g.text
         r.result = parse_judge_output(g.text, len(r.steps), strict=self.config.strict)
@@ -220,8 +228,9 @@ class JudgeLabeler:
             out["judge_prompt_tokens"][i], out["judge_tokens"][i] = r.prompt_tokens, r.generated_tokens
             out["label_attempts"][i] = r.attempts
             if r.call_error is not None:
-                out["label_status"][i], out["label_reason"][i] = "failed", r.call_error
-                self.stats["failed"] += 1
+                out["label_status"][i] = "transient" if r.transient else "failed"
+                out["label_reason"][i] = r.call_error
+                self.stats["transient" if r.transient else "failed"] += 1
                 self.stats["call_errors"] += 1
             elif r.result.ok:
                 out["label_status"][i], out["first_error_step"][i] = "ok", r.result.first_error_step
@@ -245,6 +254,10 @@ class JudgeLabeler:
             self.stats["failed"] += 1
 
     def _entry(self, r: _Row) -> CacheEntry:
+        if r.call_error is not None:
+            return CacheEntry(key=r.key, status=TRANSIENT if r.transient else FAILED, k=NO_LABEL, reason=r.call_error,
+                              critique="", source=self.source, num_steps=len(r.steps), prompt_tokens=r.prompt_tokens,
+                              generated_tokens=r.generated_tokens, attempts=self._done_attempts(r))
         ok = r.result.ok
         prior_p = r.prior.prompt_tokens if r.prior is not None else 0
         prior_g = r.prior.generated_tokens if r.prior is not None else 0

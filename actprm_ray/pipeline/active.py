@@ -16,6 +16,8 @@ from actprm_ray.data.shards import index_pool, read_pool_rows
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
 from actprm_ray.pipeline.ray_env import init_ray
+from actprm_ray.label.cache import LabelCache
+from actprm_ray.ledger import grants_folder, run_ledger_uri
 
 # Paper cost model (METHOD §7): C ≈ 1,920 generated judge tokens per critique.
 TOKENS_PER_CRITIQUE = 1920
@@ -91,14 +93,15 @@ def run_active(cfg: Config) -> dict:
     pool = resolve_pool(cfg, run_dir)
     index = index_pool(pool, limit=cfg.data.limit)  # every row's id up front: the accounting identity needs them
     pool_ids = index.ids
-    previous = oc.read_outcome_parts(run_dir / "outcomes")
-    accounted = frozenset(previous.column("id").to_pylist())
-    labels_before = sum(1 for o in previous.column("outcome").to_pylist() if o in (oc.TRAINED, oc.LABEL_FAILED))
+    accounted = frozenset(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
+    cache_path = cfg.labeler.judge.cache_path if cfg.labeler.kind != "oracle" else None
 
     name = coordinator_name(cfg.run.name)
+    # The budget is the run's lifetime budget: the coordinator rebuilds what earlier runs granted from the ledger.
     coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(
-        None if cfg.budget.max_labels is None else max(0, cfg.budget.max_labels - labels_before),
-        cfg.budget.max_judge_tokens)
+        str(run_dir), cfg.budget.max_labels, cfg.budget.max_judge_tokens,
+        cfg.labeler.judge.max_tokens if cfg.labeler.kind != "oracle" else 0, cache_path)
+    labels_before = ray.get(coordinator.budget_state.remote())["labels"]
     plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
     print(f"[actprm] run dir {run_dir}\n[actprm] plan:\n{plan.describe()}", flush=True)
     dataset = plan.apply(read_pool_rows(index, num_cpus=cfg.pipeline.map_num_cpus,
@@ -112,6 +115,9 @@ def run_active(cfg: Config) -> dict:
         status.stop.set()
     snapshot = ray.get(coordinator.snapshot.remote())
     ray.kill(coordinator)
+    if cache_path:
+        LabelCache(cache_path).compact()  # no labeler is left: fold this run's one-file-per-response parts
+    grants_folder(run_ledger_uri(run_dir)).compact()
 
     table, counts = oc.finalize(oc.read_outcome_parts(run_dir / "outcomes"), pool_ids)
     pq.write_table(table, run_dir / "outcomes.parquet")
@@ -125,7 +131,7 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
 
     rows = table.to_pylist()
     lags: Counter = Counter()
-    trainer = {"redelivered": 0, "over_budget": 0, "stale_reselected": 0, "empty_steps": 0, "busy_s": 0.0,
+    trainer = {"redelivered": 0, "over_budget": 0, "transient": 0, "empty_steps": 0, "busy_s": 0.0,
                "rows_trained_here": 0}
     for f in sorted((run_dir / "trainer").glob("rank*.json")):
         stats = json.loads(f.read_text())
@@ -147,8 +153,11 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
         "labels_used": labels_used,
         "labels_used_before_resume": labels_before,
         "label_rate": labels_used / max(1, len(rows)),
+        # Granted = labels used over the run's lifetime (cache hits included), from the ledger; max_labels caps it.
         "budget": {"max_labels": cfg.budget.max_labels, "max_judge_tokens": cfg.budget.max_judge_tokens,
-                   "granted_this_run": budget["labels"], "judge_prompt_tokens": budget["prompt_tokens"],
+                   "granted": budget["labels"], "granted_from_cache": budget["cached"],
+                   "granted_this_run": budget["labels"] - labels_before,
+                   "judge_transient_failures": trainer["transient"], "judge_prompt_tokens": budget["prompt_tokens"],
                    "judge_generated_tokens": budget["generated_tokens"],
                    "cache_hits": sum(1 for r in rows if r["label_cache_hit"]),
                    "paper_cost_model_tokens": labels_used * TOKENS_PER_CRITIQUE},

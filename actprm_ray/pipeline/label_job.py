@@ -42,7 +42,7 @@ class LabelArgs:
 
 
 INPUT_COLUMNS = (*POOL_COLUMNS, "selected")
-STATUSES = ("ok", "failed", "skipped", "over_budget", INVALID_INPUT)
+STATUSES = ("ok", "failed", "transient", "skipped", "over_budget", INVALID_INPUT)
 
 
 def prepare_rows(batch: dict, *, sep: str) -> dict:
@@ -118,8 +118,10 @@ def run_label(cfg: Config, args: LabelArgs) -> dict:
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=p.no_progress_timeout_s,
              object_store_limit_mb=p.object_store_limit_mb, block_size_kb=p.block_size_kb)
     name = coordinator_name(f"label-{cfg.run.name}")
+    # The output folder holds the job's ledger: max_labels caps labels over every rerun into it.
     coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(
-        cfg.budget.max_labels, cfg.budget.max_judge_tokens)
+        str(out.resolve()), cfg.budget.max_labels, cfg.budget.max_judge_tokens, cfg.labeler.judge.max_tokens,
+        cfg.labeler.judge.cache_path)
     stage = StageSpec("label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind),
                                                 labeler_config=cfg.labeler.judge, coordinator=coordinator),
                       batch_size=p.label_batch_size, num_cpus=p.label_num_cpus, num_gpus=p.label_num_gpus,

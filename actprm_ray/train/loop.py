@@ -91,7 +91,7 @@ class Worker:
         self.lags: Counter = Counter()
         self.redelivered = 0
         self.over_budget = 0
-        self.stale_reselected = 0
+        self.transient = 0
         self.last_loss = float("nan")
         self.busy_s = 0.0  # wall time in forward/backward/optimizer: the trainer's own throughput, without waits
         self.rows_at_start = self.state["rows_trained"]  # busy_s restarts with the process; so does its row count
@@ -105,7 +105,7 @@ class Worker:
             row["id"], outcome, reason, model_version=row.get("model_version", -1), train_version=self.state["version"],
             label_source=str(row.get("label_source", "")), label_cache_hit=bool(row.get("label_cache_hit", False)),
             judge_prompt_tokens=int(row.get("judge_prompt_tokens", 0)), judge_tokens=int(row.get("judge_tokens", 0)),
-            **extra))
+            label_key=str(row.get("label_key", "")), **extra))
         self.accounted.add(row["id"])
 
     def triage(self, row: dict) -> bool:
@@ -124,10 +124,11 @@ class Worker:
             correct = -1 if k == -2 else int(pseudo_labels(mean) == _labels(k, len(mean)))
             self.record(row, oc.CONFIDENT, "trusted by the ensemble", pseudo_label_correct=correct)
             return False
-        if status == "over_budget":
-            # Not a final outcome: a rerun with a larger budget must label it, so it is not flushed (the driver
-            # marks it not_reached at the end of this run).
-            self.over_budget += 1
+        if status in ("over_budget", "transient"):
+            # Not a final outcome: a rerun (a larger budget, the judge back up) must label it, so it is not
+            # flushed; the driver marks it not_reached at the end of this run.
+            self.over_budget += status == "over_budget"
+            self.transient += status == "transient"
             return False
         if status != "ok":
             self.record(row, oc.LABEL_FAILED, str(row["label_reason"]))
@@ -163,15 +164,11 @@ class Worker:
             if r.get("_dummy"):
                 selected[b] = False
                 continue
-            lag = self.state["version"] - int(r.get("model_version", self.state["version"]))
-            stale = lag > sel.max_staleness and sel.stale_policy == "reselect"
-            if sel.inline or stale:
+            if sel.inline:  # a paid (judge) label is always trained; only inline selection decides here
                 m, s = mu[step_row == b].tolist(), sigma[step_row == b].tolist()
                 uncertain = is_uncertain(m, s, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
                                          step_threshold=sel.step_threshold)
                 selected[b] = uncertain if sel.mode == "active" else sel.mode == "all"
-                if stale and not uncertain:
-                    self.stale_reselected += 1
         keep = None
         if cfg.loss.p_keep < 1.0:
             keep = torch.rand(logits.shape[0], len(rows), device=self.device) < cfg.loss.p_keep
@@ -189,10 +186,18 @@ class Worker:
             if bool(selected[b]):
                 self.record(r, oc.TRAINED)
                 self.state["rows_trained"] += 1
-            elif sel.inline:
-                self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)")
             else:
-                self.record(r, oc.CONFIDENT, f"stale by {lag} versions; re-scored confident at train time")
+                self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)")
+
+
+# Label statuses of rows the budget granted: the stop rule waits for every one of them to reach the trainer.
+GRANTED_STATUSES = ("ok", "failed", "transient")
+
+
+def _dummy_row(core: EnsemblePRM) -> dict:
+    sep = core.tokenizer.convert_tokens_to_ids(core.config.sep)
+    return {"id": "", "input_ids": [sep], "readout_positions": [0], "hard_labels": [1],
+            "oracle_first_error_step": -1, "_dummy": True}
 
 
 def _labels(k: int, m: int) -> list[int]:
@@ -268,14 +273,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             except StopIteration:
                 stream_done = True
                 break
-            taken = 0
             w.coordinator.add.remote({"pulled": len(batch["id"])})
+            granted_keys = []  # every row the budget granted reaches here, whatever its label's fate
             for row in _rows(batch):
                 if w.triage(row):
                     buffer.append(row)
-                    taken += int(not cfg.selection.inline)
-            if taken:
-                w.coordinator.consume.remote(taken)
+                if row.get("label_status") in GRANTED_STATUSES and row.get("label_key"):
+                    granted_keys.append(str(row["label_key"]))
+            if granted_keys:
+                w.coordinator.consume.remote(granted_keys)
             if cfg.budget.max_labels is not None or cfg.budget.max_judge_tokens is not None:
                 budget_done = ray.get(w.coordinator.all_granted_consumed.remote())
         rows, buffer = buffer[: t.micro_batch_size], buffer[t.micro_batch_size:]
@@ -289,9 +295,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rows:
             last_rows = rows
         if not rows:
-            if not last_rows:
-                raise RuntimeError("rank has no rows at all to build a DDP dummy batch from; use fewer workers")
-            rows = [{**last_rows[0], "_dummy": True}]
+            # A rank that never got a trainable row still joins, with a one-token dummy row (zero weight).
+            rows = [{**last_rows[0], "_dummy": True}] if last_rows else [_dummy_row(w.core)]
         started = time.perf_counter()
         w.step(rows)
         micro += 1
@@ -318,9 +323,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
     stats = {"lags": {str(k): v for k, v in sorted(w.lags.items())}, "redelivered": w.redelivered,
-             "over_budget": w.over_budget,
+             "over_budget": w.over_budget, "transient": w.transient,
              "busy_s": w.busy_s, "rows_trained_here": w.rows_here(),
-             "stale_reselected": w.stale_reselected, "empty_steps": w.state["empty_steps"]}
+             "empty_steps": w.state["empty_steps"]}
     (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
     (run_dir / "trainer" / f"rank{w.rank}.json").write_text(json.dumps(stats))
     checkpoint(final=True)

@@ -126,9 +126,8 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
     from actprm_ray.pipeline.ray_env import init_ray
     from actprm_ray.train.trainer import build_trainer
 
-    if cfg.selection.inline or cfg.selection.stale_policy != "train":
-        raise ConfigError("supervised training trains every labelled row: selection.inline and "
-                          "selection.stale_policy=reselect do not apply")
+    if cfg.selection.inline:
+        raise ConfigError("supervised training trains every labelled row: selection.inline does not apply")
     started = time.time()
     run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +146,7 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
     accounted = frozenset(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
 
     name = coordinator_name(cfg.run.name)
-    coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(None, None)
+    coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(str(run_dir))
     plan = build_supervised_plan(cfg, init_dir, accounted=accounted, source=data)
     print(f"[train] run dir {run_dir}\n[train] init {init_checkpoint or 'fresh heads on ' + cfg.model.backbone}\n"
           f"[train] plan:\n{plan.describe()}", flush=True)
