@@ -3,7 +3,8 @@
 Everything a restart needs lives here, never only in an actor's memory or on a pod's disk:
   * `grants/`  -- label keys the budget granted (written by the coordinator before it answers);
   * `labels/`  -- every judge response the moment it arrives (written by the labeler): the label cache;
-  * `outcomes/` -- row outcomes (written by the trainer with each checkpoint).
+  * `outcomes/` -- row outcomes (written by the trainer with each checkpoint);
+  * `shards/`  -- the filter job's finished shards with their counts (written by its driver, last).
 
 Storage is any pyarrow filesystem: a local path in tests, `s3://...`, `gs://...` or a shared volume on a
 cluster. Each append is one new Parquet file with a unique name, written to a temporary name and then moved
@@ -17,17 +18,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+from actprm_ray.data.shards import filesystem
 
 
 class LedgerFolder:
@@ -35,7 +30,7 @@ class LedgerFolder:
 
     def __init__(self, uri: str, schema: pa.Schema):
         self.uri, self.schema = str(uri), schema
-        self.fs, self.root = _filesystem(self.uri)
+        self.fs, self.root = filesystem(self.uri)
         self.fs.create_dir(self.root, recursive=True)
 
     def __getstate__(self):
@@ -100,3 +95,16 @@ def run_ledger_uri(run_dir: str | os.PathLike) -> str:
 
 def grants_folder(ledger_uri: str) -> LedgerFolder:
     return LedgerFolder(f"{ledger_uri}/grants", GRANT_SCHEMA)
+
+
+SHARD_SCHEMA = pa.schema([
+    ("key", pa.string()),  # part-NNNNN
+    ("shard", pa.string()),  # the input file
+    ("read", pa.int64()), ("scored", pa.int64()), ("retained", pa.int64()), ("discarded", pa.int64()),
+    ("invalid", pa.int64()),
+    ("invalid_reasons", pa.string()),  # JSON object: reason kind -> count
+])
+
+
+def shards_folder(ledger_uri: str) -> LedgerFolder:
+    return LedgerFolder(f"{ledger_uri}/shards", SHARD_SCHEMA)

@@ -30,7 +30,8 @@ KUBERAY = DEPLOY / "kuberay"
 IMAGE_ROOT = "/opt/actprm"  # where deploy/Dockerfile puts the repository (WORKDIR)
 CONFIGMAP = "actprm-env"
 SECRET = "actprm-secrets"
-SHARED_MOUNT, LOCAL_MOUNT = "/mnt/shared", "/mnt/local"
+SHARED_MOUNT = "/mnt/shared"
+SHM_MOUNT = "/dev/shm"  # Ray's shared memory: the one emptyDir allowed (medium: Memory), never run state
 RAYJOBS = ("active-train", "filter", "label", "evaluate")  # deploy/kuberay/rayjob-<name>.yaml
 # The cluster launcher file cannot carry an annotation (its schema forbids unknown keys); its header says this.
 LAUNCHER_SIZED_FOR = ("conf/cluster_7b.yaml", "active_train")
@@ -350,27 +351,70 @@ def test_every_ray_pod_takes_env_configmap_shared_volume_and_secret_refs():
             volumes = {v["name"]: v for v in template["spec"]["volumes"]}
             assert volumes[mounts[SHARED_MOUNT]]["persistentVolumeClaim"]["claimName"] == \
                 _manifest("storage.yaml")["metadata"]["name"], where
-            assert "persistentVolumeClaim" not in volumes[mounts[LOCAL_MOUNT]], f"{where}: {LOCAL_MOUNT} not pod-local"
-            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+            assert volumes[mounts[SHM_MOUNT]]["emptyDir"]["medium"] == "Memory", where
         assert len(images) == 1, f"{fname}: head and workers must run one image (same Python, Ray, code)"
         assert spec["rayVersion"] == _pin("ray[default,data,train]", _pyproject()["project"]["dependencies"])[2:]
 
 
 @pytest.mark.parametrize("name", RAYJOBS)
 def test_the_jobs_storage_paths_suit_a_multi_node_cluster(name):
-    """run.output_dir must be shared (checkpoints, published weights); the SQLite cache must not (label/cache.py)."""
+    """run.output_dir must be shared (checkpoints, published weights, the run ledger); so must the label cache, which
+    is part of the ledger (label/cache.py): a retry's fresh pods would otherwise pay every label again."""
     ep = _entrypoint(_rayjob(name))
     cfg = load_config(ep.conf, _overrides(ep.argv))
     assert cfg.run.output_dir.startswith(SHARED_MOUNT + "/"), f"run.output_dir {cfg.run.output_dir}"
     if ep.job == "active_train":  # a real pool, not the embedded synthetic default
         assert cfg.data.pool.startswith(SHARED_MOUNT + "/") or "://" in cfg.data.pool, f"data.pool {cfg.data.pool!r}"
     if ep.job in ("active_train", "label") and cfg.labeler.kind != "oracle":
-        path = cfg.labeler.judge.cache_path
-        assert path and path.startswith(LOCAL_MOUNT + "/"), f"labeler.judge.cache_path {path!r} must be pod-local"
+        path = cfg.labeler.judge.cache_path  # None: <run dir>/ledger/labels (label: <--output>/ledger/labels)
+        assert path is None or path.startswith(SHARED_MOUNT + "/") or "://" in path, \
+            f"labeler.judge.cache_path {path!r} must be shared storage (or null: inside the run directory)"
     for flag in ("--input", "--output", "--checkpoint", "--out"):
         if flag in ep.argv:
             value = ep.argv[ep.argv.index(flag) + 1]
             assert value.startswith(SHARED_MOUNT + "/") or "://" in value, f"{flag} {value}"
+
+
+def _volumes_and_mounts(node, where: str):
+    """Every pod spec's volumes, with the container mount paths of each, anywhere in a manifest (KubeRay nests them)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("volumes"), list) and isinstance(node.get("containers"), list):
+            mounts: dict[str, list[str]] = {}
+            for c in node["containers"] + node.get("initContainers", []):
+                for m in c.get("volumeMounts", []):
+                    mounts.setdefault(m["name"], []).append(m["mountPath"])
+            for v in node["volumes"]:
+                yield where, v, mounts.get(v["name"], [])
+        for k, v in node.items():
+            yield from _volumes_and_mounts(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _volumes_and_mounts(v, f"{where}[{i}]")
+
+
+def test_no_run_state_on_pod_local_disk():
+    """A backoffLimit retry or a new cluster gets fresh pods: run state (the run ledger, its label cache) on an
+    emptyDir or node-local disk would be lost and every judge label paid again. /dev/shm (memory) is Ray's."""
+    seen_shm = 0
+    for path in ALL_YAML:
+        for n, doc in enumerate(_yaml_docs(path)):
+            for where, volume, mount_paths in _volumes_and_mounts(doc, f"{path.relative_to(DEPLOY)}[{n}]"):
+                assert "hostPath" not in volume, f"{where}: volume {volume['name']} is node-local disk"
+                if "emptyDir" not in volume:
+                    continue
+                assert mount_paths == [SHM_MOUNT] and (volume["emptyDir"] or {}).get("medium") == "Memory", \
+                    f"{where}: emptyDir {volume['name']} mounted at {mount_paths}: only {SHM_MOUNT} (medium: " \
+                    "Memory) may be pod-local; run state belongs on the shared volume"
+                seen_shm += 1
+    assert seen_shm >= len(_cluster_specs()), "the walk found no /dev/shm volume: it no longer sees the pods"
+    texts = [p for root in (DEPLOY, REPO / "conf") for p in sorted(root.rglob("*")) if p.is_file()]
+    for path in texts:
+        text = path.read_text(errors="replace")
+        for needle in ("/mnt/local", ".sqlite"):
+            assert needle not in text.lower(), f"{path.relative_to(REPO)} mentions {needle}: run state is shared now"
+    launcher = _yaml_docs(DEPLOY / "cluster.yaml")[0]
+    mounts = [o.split()[1].split(":")[0] for o in launcher["docker"]["run_options"] if o.startswith("-v ")]
+    assert mounts == [SHARED_MOUNT], f"cluster.yaml mounts {mounts}: only the shared volume holds run state"
 
 
 def test_no_secret_values_anywhere_in_deploy():

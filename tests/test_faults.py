@@ -184,8 +184,9 @@ def test_budget_is_exact_with_permanent_and_transient_failures_and_a_warm_cache(
 
     cap, warm = 40, 10
     with JudgeServer(fault_rates={"garbage": 0.2}, seed=3, latency_s=0.02) as srv:
-        # Warm the shared label cache with another run's labels over the same pool.
-        run_active(load_config(None, _ledger_overrides(tmp_path, "warm", srv, f"budget.max_labels={warm}")))
+        # Warm the shared label cache with another run's labels over the pool's first rows (the stream order is
+        # not fixed, so a budget would not say which rows).
+        run_active(load_config(None, _ledger_overrides(tmp_path, "warm", srv, f"data.limit={warm}")))
         assert _billed(srv) == warm
         srv.calls.clear()
         srv.outage = range(srv.requests + 6, srv.requests + 14)  # 8 requests refused mid-run: a judge outage
@@ -222,3 +223,24 @@ def test_coordinator_killed_mid_run_rebuilds_from_the_ledger(ray_local, tmp_path
         # The restarted coordinator knew every grant: the budget stopped at the cap, not at cap + grants so far.
         assert summary["budget"]["granted"] == cap
         assert sum(r["outcome"] in ("trained", "label_failed") for r in rows) == cap
+
+
+@pytest.mark.extended  # a three-raylet cluster on this machine, ~3 min
+def test_losing_the_labeler_node_mid_run(tmp_path):
+    """Node loss: the node that runs the labeler actors is removed mid-run and a new one added (tests/node_loss_job.py).
+    The run completes, every row has one outcome, and the judge was paid twice only for requests in flight."""
+    with JudgeServer(latency_s=0.05) as srv:
+        overrides = _overrides(tmp_path, "node_loss", *_http_judge(srv), "pipeline.label_num_gpus=1",
+                               "pipeline.label_num_cpus=0.5", "train.max_failures=2")
+        env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        out = tmp_path / "node_loss.json"
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss_job.py"), str(out), *overrides],
+                              env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        result = json.loads(out.read_text())
+        assert "removed_at" in result["events"], "the run ended before the node could be removed"
+        summary = result["summary"]
+        _assert_every_row_once(summary, 96)
+        assert _repaid(srv.calls) <= IN_FLIGHT, f"{_repaid(srv.calls)} requests paid twice"
+        assert summary["outcomes"]["trained"] + summary["outcomes"]["label_failed"] == 96

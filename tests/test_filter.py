@@ -283,7 +283,7 @@ def test_kill_and_rerun_equals_uninterrupted_run(ray_local, checkpoint, tmp_path
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            done_at_kill = len(list((out / "_done").glob("*.json"))) if (out / "_done").is_dir() else 0
+            done_at_kill = len(list((out / "ledger" / "shards").glob("*.parquet")))
             if done_at_kill >= 2:
                 break
             time.sleep(0.05)

@@ -7,14 +7,14 @@
            retained/part-NNNNN.parquet    valid rows the rule selects (what the judge labels next)
            discarded/part-NNNNN.parquet   valid rows it trusts (only with write_all)
            invalid/part-NNNNN.parquet     id + reason of rows that could not be scored
-           _done/part-NNNNN.json          the done-marker with the shard's counts, written last
+           ledger/shards/                 the shard's done-record with its counts, appended last (actprm_ray/ledger.py)
       -> filter_summary.json              counts over all shards (read, scored, retained, invalid, fraction)
 
 Why chunks: a row's µ depends, in its last bits, on which rows share its forward batch (padded, or packed into one
 line with pipeline.score_pack_tokens: the kernels' shapes change either way). A chunk is a fixed slice of one shard,
 every pipeline call sees whole chunks (batch_size=None) and the scorer batches only inside a chunk, so each row is
 scored with the same neighbours in every run, whatever happened before a kill. A shard's outputs are moved into
-place before its marker is written, so a rerun with the same output skips exactly the finished shards and the result
+place before its done-record is written, so a rerun with the same output skips exactly the finished shards and the result
 equals an uninterrupted run's. Memory is flat in the number of rows: the driver holds one chunk at a time, Ray
 Data's object-store budget bounds what is in flight.
 
@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from actprm_ray.config import Config, load_config
 from actprm_ray.data.shards import Chunk, filesystem, list_shards, plan_chunks, read_chunk
+from actprm_ray.ledger import run_ledger_uri, shards_folder
 from actprm_ray.pipeline.plan import Plan, StageSpec
 from actprm_ray.pipeline.stages import NO_ORACLE, CanonicalizeStage, ScoreStage, SelectStage
 
@@ -206,6 +207,7 @@ class _Store:
     def __init__(self, uri: str):
         self.fs, self.root = filesystem(uri)
         self.fs.create_dir(self.root, recursive=True)
+        self.ledger_uri = run_ledger_uri(uri if "://" in uri else self.root)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -259,13 +261,16 @@ def shard_key(i: int) -> str:
     return f"part-{i:05d}"
 
 
+COUNTS = ("read", "scored", "retained", "discarded", "invalid")
+
+
 def reason_kind(reason: str) -> str:
     """Group invalid reasons by kind: numbers become '#' ("step 3 is empty" and "step 5 is empty" count together)."""
     return re.sub(r"\d+", "#", reason)[:160]
 
 
 def _finalize_shard(store: _Store, shard: int, path: str, n_chunks: int, write_all: bool) -> dict:
-    """Merge a finished shard's chunk files (in chunk order) into its outputs; write the done-marker last."""
+    """Merge a finished shard's chunk files (in chunk order) into its outputs; append its done-record last."""
     key = shard_key(shard)
     outs = {"retained": store.writer(f"retained/{key}.parquet", OUTPUT_SCHEMA),
             "invalid": store.writer(f"invalid/{key}.parquet", INVALID_SCHEMA)}
@@ -289,9 +294,8 @@ def _finalize_shard(store: _Store, shard: int, path: str, n_chunks: int, write_a
     for name, (writer, tmp) in outs.items():
         writer.close()
         store.move(tmp, f"{name}/{key}.parquet")
-    marker = {"shard": path, **{k: counts[k] for k in ("read", "scored", "retained", "discarded", "invalid")},
-              "invalid_reasons": dict(reasons)}
-    store.write_json(f"_done/{key}.json", marker)
+    marker = {"key": key, "shard": path, **{k: counts[k] for k in COUNTS}, "invalid_reasons": json.dumps(dict(reasons))}
+    shards_folder(store.ledger_uri).append([marker], tag="shard")
     store.delete(f"_work/{key}")
     return marker
 
@@ -383,7 +387,8 @@ def run_filter(cfg: Config, args: FilterArgs, *, torch_threads: int | None = Non
     else:
         store.write_json("_filter_meta.json", meta)
 
-    done = [i for i in range(len(shards)) if store.exists(f"_done/{shard_key(i)}.json")]
+    finished = {r["key"] for r in shards_folder(store.ledger_uri).read().to_pylist()}
+    done = [i for i in range(len(shards)) if shard_key(i) in finished]
     pending = [i for i in range(len(shards)) if i not in set(done)]
     chunks: list[Chunk] = []
     n_chunks: dict[int, int] = {}
@@ -468,10 +473,11 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
 def _summarize(store, shards, skipped, rows_this_run, wall_s, args, model_dir, version, cfg) -> dict:
     totals: Counter = Counter()
     reasons: Counter = Counter()
+    records = {r["key"]: r for r in shards_folder(store.ledger_uri).read().to_pylist()}
     for i in range(len(shards)):
-        m = store.read_json(f"_done/{shard_key(i)}.json")
-        totals.update({k: m[k] for k in ("read", "scored", "retained", "discarded", "invalid")})
-        reasons.update(m["invalid_reasons"])
+        m = records[shard_key(i)]  # a shard finished twice (a kill between record and clean-up) counts once
+        totals.update({k: m[k] for k in COUNTS})
+        reasons.update(json.loads(m["invalid_reasons"]))
     s = cfg.selection
     return {
         **{k: totals[k] for k in ("read", "scored", "retained", "discarded", "invalid")},
