@@ -87,6 +87,17 @@ def test_two_workers_odd_rows_none_dropped(ray_local, tmp_path):
     assert summary["outcomes"]["trained"] == 101  # equal-split would have dropped one
 
 
+@pytest.mark.extended  # one more loop run
+def test_a_rank_that_never_gets_a_trainable_row_joins(ray_local, tmp_path):
+    """One labelled row for two DDP ranks: the rank without it steps on a one-token dummy row (it used to raise)."""
+    from actprm_ray.pipeline.active import run_active
+
+    summary = run_active(_cfg(tmp_path, "ddp_one", "data.synthetic_rows=1", "selection.mode=all",
+                              "train.num_workers=2", "train.cpus_per_worker=0.5"))
+    assert summary["identity_holds"] and summary["outcomes"]["trained"] == 1
+    assert summary["trainer"]["optimizer_steps"] >= 1
+
+
 def test_budget_stop_then_resume(ray_local, tmp_path):
     from actprm_ray.model.ensemble_prm import EnsemblePRM
     from actprm_ray.pipeline.active import run_active
