@@ -94,9 +94,13 @@ def test_second_pass_with_the_same_cache_makes_no_engine_call(engine_labeler, tm
     first = with_config(engine_labeler, cache=cache)
     out1 = first(make_batch(5, offset=10))
     assert first.stats["requests"] == 5
-    again = with_config(engine_labeler, cache=LabelCache(tmp_path / "labels"), budget=LocalBudget(max_labels=0))
+    # A cache hit is granted (it counts toward max_labels, so a run trains on at most max_labels labels) but
+    # costs no engine call and no token.
+    budget = LocalBudget(max_labels=5)
+    again = with_config(engine_labeler, cache=LabelCache(tmp_path / "labels"), budget=budget)
     out2 = again(make_batch(5, offset=10))
     assert again.stats["requests"] == 0 and again.stats["generate_calls"] == 0
+    assert budget.generated_tokens == 0
     assert list(out2["label_cache_hit"]) == [True] * 5 and list(out2["judge_tokens"]) == [0] * 5
     assert list(out2["first_error_step"]) == list(out1["first_error_step"])
     assert list(out2["label_status"]) == list(out1["label_status"])

@@ -220,7 +220,23 @@ class HttpJudgeLabeler(JudgeLabeler):
         return list(self._pool.map(self._one, prompts, seeds, num_steps))
 
     def generate_iter(self, prompts: list[str], seeds: list[int], num_steps: list[int]):
-        # Requests finish one by one: hand each back at once, so the caller caches it before the slowest returns.
-        futures = {self._pool.submit(self._one, p, s, n): i for i, (p, s, n) in enumerate(zip(prompts, seeds, num_steps))}
-        for f in as_completed(futures):
-            yield futures[f], f.result()
+        # Requests finish one by one: hand each back at once, so the caller records it in the ledger before the
+        # slowest returns. A new request starts only after the caller has taken (and recorded) an answer: at any
+        # moment at most max_concurrency requests are paid but unrecorded, which bounds what a crash re-pays.
+        # (Submitting all at once let answers pile up behind a slow ledger write: CI re-paid more than that.)
+        window = max(1, self.config.http.max_concurrency)
+        todo = iter(enumerate(zip(prompts, seeds, num_steps)))
+        running: dict = {}
+
+        def submit_next() -> None:
+            for i, (p, s, n) in todo:
+                running[self._pool.submit(self._one, p, s, n)] = i
+                return
+
+        for _ in range(window):
+            submit_next()
+        while running:
+            f = next(as_completed(running))
+            i = running.pop(f)
+            yield i, f.result()
+            submit_next()
