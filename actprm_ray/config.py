@@ -25,7 +25,7 @@ from actprm_ray.label.prompt import PROMPT_VERSION
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"  # HF directory of a decoder-only LM, or "tiny" / "tiny:small" to build an offline test backbone
+    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; cached in run.output_dir/backbones)
     n_heads: int = 32  # ensemble size n (METHOD §3)
     head_hidden: int = 128  # width of each head's two hidden layers
     init_seed: int = 0  # seed of the explicit head initialisation, recorded in the checkpoint
@@ -70,6 +70,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     lr: float = 1e-5  # peak learning rate (linear warm-up then linear decay)
+    head_lr: Optional[float] = None  # peak learning rate of the ensemble heads (None = lr)
     warmup_steps: int = 500  # linear warm-up steps
     total_steps: Optional[int] = None  # LR schedule length; None = estimated from the pool size
     weight_decay: float = 0.0

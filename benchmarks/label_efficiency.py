@@ -33,23 +33,14 @@ TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm
 
 # --- the task ----------------------------------------------------------------------------------------------
 def task_mix():
-    """The synthetic task every arm trains and is tested on (documented in docs/RESULTS.md).
+    """The synthetic task every arm trains and is tested on: `MIXES["addsub"]` (documented in docs/RESULTS.md).
 
-    Chosen by offline probes (single-process training of the same tiny model with the same loss, F1 on 300
-    held-out rows; numbers in docs/RESULTS.md). The tiny random-init backbone (2 layers, width 64) learns no
-    arithmetic in this budget: with arithmetic slips in the mix it stays at F1 = 0 for 20,000 rows at lr 1e-3
-    and 3e-3. What it does learn, after ~1,500 rows, is a *lexical* cue: an operator that contradicts the
-    story's verb. So the mix keeps only add/subtract stories (2..5 steps, values <= 60) and two error types:
-    wrong_operator (weight 3; the wrong symbol is -, * or / for a + event and so on) and skipped_step (weight 1,
-    the next step starts from the value before the previous one, not learned at this scale). Half the rows are
-    correct.
+    Chosen by offline probes with the random-init tiny backbone, which learns no arithmetic: add/subtract
+    stories (2..5 steps, values <= 60), half the rows correct, errors wrong_operator (3) and skipped_step (1).
     """
-    from actprm_ray.data.synthetic import SyntheticMix
+    from actprm_ray.data.synthetic import MIXES
 
-    return SyntheticMix(correct_share=0.5, min_steps=2, max_steps=5, boxes_share=0.0, start_range=(2, 20),
-                        box_count_range=(2, 2), box_size_range=(3, 4), add_range=(1, 9), sub_range=(1, 9),
-                        max_value=60, op_weights={"+": 0.5, "-": 0.5},
-                        error_weights={"wrong_operator": 3.0, "skipped_step": 1.0})
+    return MIXES["addsub"]
 
 
 # --- plan of the experiment ---------------------------------------------------------------------------------

@@ -429,6 +429,18 @@ class _Generator:
         }
 
 
+# Named mixes, so a config can say `mix: addsub` (pretraining, benchmarks) instead of repeating the fields.
+MIXES = {
+    "default": SyntheticMix(),
+    # The label-efficiency task (docs/RESULTS.md): add/subtract stories, 2..5 steps, values <= 60, half correct;
+    # errors are wrong operators (3) and skipped steps (1).
+    "addsub": SyntheticMix(correct_share=0.5, min_steps=2, max_steps=5, boxes_share=0.0, start_range=(2, 20),
+                           box_count_range=(2, 2), box_size_range=(3, 4), add_range=(1, 9), sub_range=(1, 9),
+                           max_value=60, op_weights={"+": 0.5, "-": 0.5},
+                           error_weights={"wrong_operator": 3.0, "skipped_step": 1.0}),
+}
+
+
 # --- public API ------------------------------------------------------------------------------------------
 def iter_pool(n: int, seed: int = 0, mix: SyntheticMix | None = None, chunk: int = 10_000) -> Iterator[list[dict]]:
     """Yield the rows of `generate_pool(n, seed, mix)` as lists of at most `chunk` rows, in order.

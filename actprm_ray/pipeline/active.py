@@ -33,7 +33,13 @@ def prepare_initial_model(cfg: Config, run_dir: Path) -> Path:
         return init_dir
     m = cfg.model
     backbone = m.backbone
-    if backbone.startswith("tiny"):
+    if backbone == "tiny-math":
+        # Pretrained once per output directory (jobs/pretrain.py defaults), then reused by every run there.
+        from actprm_ray.model.pretrain import PretrainConfig, pretrain_backbone
+
+        backbone = str(pretrain_backbone(PretrainConfig(out_dir=str(Path(cfg.run.output_dir) / "backbones" / "tiny_math"),
+                                                        sep=m.sep, system_prompt=m.system_prompt)))
+    elif backbone.startswith("tiny"):
         size = backbone.split(":", 1)[1] if ":" in backbone else "tiny"
         backbone = str(build_tiny_backbone(run_dir / f"backbone_{size}", size=size, seed=cfg.run.seed))
     s = cfg.selection

@@ -10,39 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from actprm_ray.config import Config
-from actprm_ray.data.collate import collate_encoded
-from actprm_ray.loss import actprm_loss
-from actprm_ray.model.ensemble_prm import EnsemblePRM, mean_and_std
+from actprm_ray.model.ensemble_prm import EnsemblePRM
 from actprm_ray.pipeline import outcomes as oc
-from actprm_ray.select import is_uncertain, pseudo_labels
+from actprm_ray.select import pseudo_labels
+from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, optimizer_step
 
 log = logging.getLogger(__name__)
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up to the peak, then linear decay to 0 at `total` (nanoGPT-style pure schedule)."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
-
-
-def truncate_to_labels(input_ids, positions, hard_labels) -> tuple[list[int], list[int]]:
-    """Steps after the first error are dropped (METHOD §1): cut the ids right after the last labelled SEP."""
-    positions = list(positions)[: len(hard_labels)]
-    return list(input_ids)[: positions[-1] + 1], positions
 
 
 class Worker:
@@ -77,12 +59,7 @@ class Worker:
             model.backbone.gradient_checkpointing_enable()
         self.model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
         self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=t.lr, betas=(0.9, 0.999), eps=1e-8,
-            weight_decay=t.weight_decay)
-        total = t.total_steps or max(t.warmup_steps + 1, 10_000)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.warmup_steps, total))
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.core, cfg.train)
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state["optimizer"])
             self.scheduler.load_state_dict(optim_state["scheduler"])
@@ -121,7 +98,7 @@ class Worker:
         status = row["label_status"]
         if status == "skipped":
             k, mean = int(row.get("oracle_first_error_step", -2)), list(row["step_mean"])
-            correct = -1 if k == -2 else int(pseudo_labels(mean) == _labels(k, len(mean)))
+            correct = -1 if k == -2 else int(pseudo_labels(mean) == inline_labels(k, len(mean)))
             self.record(row, oc.CONFIDENT, "trusted by the ensemble", pseudo_label_correct=correct)
             return False
         if status in ("over_budget", "transient"):
@@ -144,46 +121,16 @@ class Worker:
 
     # -- one optimizer micro-step ------------------------------------------------------------------------------
     def step(self, rows: list[dict]) -> None:
-        cfg, sel = self.cfg, self.cfg.selection
-        batch_rows = []
-        for r in rows:
-            labels = list(r["hard_labels"]) if len(r.get("hard_labels", [])) else None
-            if sel.inline:
-                labels = _labels(int(r["oracle_first_error_step"]), len(r["readout_positions"]))
-            ids, pos = truncate_to_labels(r["input_ids"], r["readout_positions"], labels)
-            batch_rows.append({"input_ids": ids, "readout_positions": pos, "labels": labels})
-        pad = self.core.tokenizer.pad_token_id or 0
-        batch = {k: v.to(self.device) for k, v in collate_encoded(batch_rows, pad).items()}
-        step_row = batch["readout_batch"]
-        self.model.train()
-        logits = self.model(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
-        with torch.no_grad():
-            mu, sigma = mean_and_std(logits.detach(), self.core.config.unbiased_std)
-        selected = torch.ones(len(rows), dtype=torch.bool, device=self.device)
-        for b, r in enumerate(rows):
-            if r.get("_dummy"):
-                selected[b] = False
-                continue
-            if sel.inline:  # a paid (judge) label is always trained; only inline selection decides here
-                m, s = mu[step_row == b].tolist(), sigma[step_row == b].tolist()
-                uncertain = is_uncertain(m, s, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
-                                         step_threshold=sel.step_threshold)
-                selected[b] = uncertain if sel.mode == "active" else sel.mode == "all"
-        keep = None
-        if cfg.loss.p_keep < 1.0:
-            keep = torch.rand(logits.shape[0], len(rows), device=self.device) < cfg.loss.p_keep
-        loss, stats = actprm_loss(
-            logits, batch["labels"], step_row, selected, dict(self.core.heads.named_parameters()), self.core.anchors(),
-            lam=cfg.loss.reg_lambda, normalization=cfg.loss.bce, regularizer=cfg.loss.regularizer, keep=keep)
-        (loss / cfg.train.grad_accum).backward()
-        self.last_loss = float(loss.detach())
-        self.state["empty_steps"] += int(stats["empty_selection"])
-        for b, r in enumerate(rows):
+        """One micro-batch (train/step.py), then one outcome per real row."""
+        result = micro_step(self.model, self.core, rows, self.cfg, self.device, loss_scale=1 / self.cfg.train.grad_accum)
+        self.last_loss = result.loss
+        self.state["empty_steps"] += int(result.empty_selection)
+        for r, selected in zip(rows, result.selected):
             if r.get("_dummy"):
                 continue
             lag = self.state["version"] - int(r.get("model_version", self.state["version"]))
             self.lags[lag] += 1
-            if bool(selected[b]):
+            if selected:
                 self.record(r, oc.TRAINED)
                 self.state["rows_trained"] += 1
             else:
@@ -198,10 +145,6 @@ def _dummy_row(core: EnsemblePRM) -> dict:
     sep = core.tokenizer.convert_tokens_to_ids(core.config.sep)
     return {"id": "", "input_ids": [sep], "readout_positions": [0], "hard_labels": [1],
             "oracle_first_error_step": -1, "_dummy": True}
-
-
-def _labels(k: int, m: int) -> list[int]:
-    return [1] * m if k < 0 else [1] * k + [0]
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -303,10 +246,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if micro % t.grad_accum:
             w.busy_s += time.perf_counter() - started
             continue
-        torch.nn.utils.clip_grad_norm_(w.model.parameters(), t.grad_clip)
-        w.optimizer.step()
-        w.scheduler.step()
-        w.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
         w.busy_s += time.perf_counter() - started
         w.state["step"] += 1
         if t.step_delay_s:

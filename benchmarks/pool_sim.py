@@ -1,0 +1,297 @@
+"""Pool-based simulation of active PRM training (the paper's setting), in one process, on the project's own code.
+
+Rows arrive in micro-batches; the current model scores each batch (the scorer's `score_encoded`), the selection
+rule (`actprm_ray.select`) decides which rows to label, the oracle reveals their labels, and labelled rows are
+trained in full micro-batches by `actprm_ray.train.step` (the Ray Train worker's step). So there is one step,
+one loss and one selection rule; what this drops is the streaming (no lag between scoring and training) and Ray.
+It runs the threshold grid and the recipe probes; the headline arms run through the streaming loop
+(benchmarks/label_efficiency.py).
+
+    python benchmarks/pool_sim.py --pool-rows 10000 --seed 0 --backbone runs/backbones/tiny_math \\
+        selection.mode=all train.lr=1e-3          # any Config override after the flags
+
+Prints one line per evaluation and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from actprm_ray.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
+from actprm_ray.data.step_format import encode_trajectory  # noqa: E402
+from actprm_ray.eval.metrics import first_error_metrics, first_error_prediction  # noqa: E402
+from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig  # noqa: E402
+from actprm_ray.model.scoring import score_encoded  # noqa: E402
+from actprm_ray.select import ablation_thresholds, is_uncertain, pseudo_labels, select_rows  # noqa: E402
+from actprm_ray.train.step import build_optimizer, micro_step, optimizer_step  # noqa: E402
+
+VALIDATION_SEED = 20_000  # recipe choices are made on this split; the test split (10,000) is only reported
+
+
+def encode_rows(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
+    out = []
+    for r in rows:
+        e = encode_trajectory(tokenizer, r["question"], r["steps"], sep=cfg.model.sep,
+                              system_prompt=cfg.model.system_prompt, max_length=cfg.model.max_length)
+        out.append({"id": r["id"], "input_ids": e.input_ids, "readout_positions": e.readout_positions,
+                    "oracle_first_error_step": int(r["first_error_step"])})
+    return out
+
+
+def evaluate(model: EnsemblePRM, encoded: list[dict], tau: float = 0.5) -> dict:
+    model.eval()
+    scores = score_encoded(model, encoded, batch_size=64)
+    preds = [first_error_prediction(s["step_mean"], tau) for s in scores]
+    return first_error_metrics([r["oracle_first_error_step"] for r in encoded], preds)
+
+
+def oracle_labels(k: int, m: int) -> list[int]:
+    return [1] * m if k < 0 else [1] * k + [0]
+
+
+def fresh_model(backbone: str, cfg: Config) -> EnsemblePRM:
+    m, s = cfg.model, cfg.selection
+    prm = PRMConfig(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
+                    system_prompt=m.system_prompt, unbiased_std=s.unbiased_std)
+    torch.manual_seed(cfg.run.seed)
+    return EnsemblePRM.from_backbone(backbone, prm)
+
+
+def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list[dict]], *, eval_every: int,
+             ablation: str = "both", passes: int = 1, log=print) -> dict:
+    """Run one arm over the pool; evaluate every `eval_every` labels. passes > 1 re-trains each full labelled
+    micro-batch that many times in a row (labels, not compute, are what the experiment counts)."""
+    torch.manual_seed(cfg.run.seed)
+    model = fresh_model(backbone, cfg)
+    encoded = encode_rows(model.tokenizer, pool, cfg)
+    eval_enc = {name: encode_rows(model.tokenizer, rows, cfg) for name, rows in evals.items()}
+    optimizer, scheduler = build_optimizer(model, model, cfg.train)
+    sel, t = cfg.selection, cfg.train
+    thresholds = ablation_thresholds(ablation, sel.delta_pred, sel.delta_std)
+    labels = steps = trusted = trusted_right = 0
+    buffer: list[dict] = []
+    points = [{"labels": 0, "steps": 0, **{k: evaluate(model, v)["f1"] for k, v in eval_enc.items()}}]
+    next_eval, t0 = eval_every, time.time()
+    for start in range(0, len(encoded), t.micro_batch_size):
+        batch = encoded[start:start + t.micro_batch_size]
+        if sel.mode == "active":
+            model.eval()
+            scores = score_encoded(model, batch, batch_size=len(batch))
+            uncertain = [is_uncertain(s["step_mean"], s["step_std"], step_threshold=sel.step_threshold, **thresholds)
+                         for s in scores]
+        else:
+            scores, uncertain = None, [True] * len(batch)
+        chosen = select_rows(sel.mode, uncertain, [r["id"] for r in batch], random_rate=sel.random_rate,
+                             seed=sel.seed)
+        for r, take, s in zip(batch, chosen, scores or [None] * len(batch)):
+            if take:
+                buffer.append({**r, "hard_labels": oracle_labels(r["oracle_first_error_step"],
+                                                                 len(r["readout_positions"]))})
+                labels += 1
+            elif s is not None:
+                trusted += 1
+                want = oracle_labels(r["oracle_first_error_step"], len(s["step_mean"]))
+                trusted_right += pseudo_labels(s["step_mean"], sel.step_threshold) == want
+        while len(buffer) >= t.micro_batch_size:
+            rows, buffer = buffer[:t.micro_batch_size], buffer[t.micro_batch_size:]
+            for _ in range(passes):
+                micro_step(model, model, rows, cfg)
+                optimizer_step(model, optimizer, scheduler, t.grad_clip)
+                steps += 1
+        if labels >= next_eval:
+            point = {"labels": labels, "steps": steps, "seen": start + len(batch),
+                     **{k: evaluate(model, v)["f1"] for k, v in eval_enc.items()}}
+            points.append(point)
+            log(json.dumps({**point, "s": round(time.time() - t0, 1)}))
+            next_eval += eval_every
+    final = {"labels": labels, "steps": steps, "seen": len(encoded)}
+    for k, v in eval_enc.items():
+        m = evaluate(model, v)
+        final.update({k: m["f1"], f"{k}_acc_err": m["acc_err"], f"{k}_acc_cor": m["acc_cor"]})
+    if points[-1]["labels"] != labels:
+        points.append({kk: final[kk] for kk in ["labels", "steps", "seen", *eval_enc]})
+    return dict(points=points, final=final, label_rate=labels / max(1, len(encoded)), trusted=trusted,
+                trusted_accuracy=(trusted_right / trusted) if trusted else math.nan, seconds=time.time() - t0)
+
+
+# --- the grid: arms x seeds, resumable, aggregated ----------------------------------------------------------
+GRID_ARMS: dict[str, tuple[list[str], str]] = {  # name -> (config overrides, ablation)
+    "all": (["selection.mode=all"], "both"),
+    **{f"active_dp{dp}_ds{ds}": (["selection.mode=active", f"selection.delta_pred={dp}", f"selection.delta_std={ds}"],
+                                 "both") for dp in (0.9, 0.95, 0.97) for ds in (0.01, 0.005, 0.002)},
+    "aleatoric_only": (["selection.mode=active"], "aleatoric_only"),
+    "epistemic_only": (["selection.mode=active"], "epistemic_only"),
+    "random": (["selection.mode=random"], "both"),  # rate-matched per seed to PAPER_ARM
+}
+PAPER_ARM = "active_dp0.95_ds0.005"
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and a 95% Student-t interval (n - 1 degrees of freedom)."""
+    from statistics import mean, stdev
+
+    n, m = len(xs), mean(xs)
+    if n < 2:
+        return m, math.nan, math.nan
+    t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}.get(n - 1, 2.0)
+    h = t * stdev(xs) / math.sqrt(n)
+    return m, m - h, m + h
+
+
+def f1_at(points: list[dict], labels: float, split: str) -> float | None:
+    """F1 of the last evaluation with at most `labels` labels (a step function)."""
+    best = None
+    for p in sorted(points, key=lambda p: p["labels"]):
+        if p["labels"] <= labels:
+            best = p[split]
+    return best
+
+
+def labels_to_reach(points: list[dict], target: float, split: str) -> int | None:
+    for p in sorted(points, key=lambda p: p["labels"]):
+        if p[split] >= target - 1e-9:
+            return int(p["labels"])
+    return None
+
+
+def _grid_task(task: dict) -> str:
+    """One (arm, seed) run in a worker process; its JSON is the resume marker."""
+    from actprm_ray.data.synthetic import MIXES, generate_pool
+
+    torch.set_num_threads(task["threads"])
+    out = Path(task["out"])
+    if out.is_file():
+        return str(out)
+    cfg = load_config(DEFAULT_CONFIG, task["overrides"])
+    mix = MIXES[task["mix"]]
+    pool = generate_pool(task["pool_rows"], seed=task["seed"], mix=mix)
+    evals = {"val": generate_pool(task["eval_rows"], seed=VALIDATION_SEED, mix=mix),
+             "test": generate_pool(task["eval_rows"], seed=10_000, mix=mix)}
+    result = simulate(cfg, task["backbone"], pool, evals, eval_every=task["eval_every"], ablation=task["ablation"],
+                      passes=task["passes"], log=lambda line: None)
+    result.update(arm=task["arm"], seed=task["seed"], overrides=task["overrides"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.rename(out)
+    return str(out)
+
+
+def run_grid(args, recipe: list[str]) -> dict:
+    """Every arm x seed (resumable: finished runs are skipped), random last (it needs the paper arm's rate)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+
+    work = Path(args.work)
+    arms = args.arms or list(GRID_ARMS)
+
+    def task(arm: str, seed: int, extra: list[str] = ()) -> dict:
+        overrides, ablation = GRID_ARMS[arm]
+        return dict(arm=arm, seed=seed, ablation=ablation, out=str(work / f"{arm}_s{seed}.json"),
+                    overrides=[f"run.seed={seed}", f"model.init_seed={seed}", f"selection.seed={seed}", *recipe,
+                               *overrides, *extra],
+                    backbone=args.backbone, mix=args.mix, pool_rows=args.pool_rows, eval_rows=args.eval_rows,
+                    eval_every=args.eval_every, passes=args.passes, threads=args.threads)
+
+    def load(arm, seed):
+        return json.loads((work / f"{arm}_s{seed}.json").read_text())
+
+    t0 = time.time()
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        first = [task(a, s) for s in args.seeds for a in arms if a != "random"]
+        for done in pool.map(_grid_task, first):
+            print(f"[pool_sim] {Path(done).stem} ({time.time() - t0:.0f}s)", flush=True)
+        if "random" in arms:
+            rand = [task("random", s, [f"selection.random_rate={load(PAPER_ARM, s)['label_rate']:.4f}"])
+                    for s in args.seeds]
+            for done in pool.map(_grid_task, rand):
+                print(f"[pool_sim] {Path(done).stem} ({time.time() - t0:.0f}s)", flush=True)
+    runs = {a: [load(a, s) for s in args.seeds] for a in arms}
+    return aggregate(runs, args)
+
+
+def aggregate(runs: dict[str, list[dict]], args) -> dict:
+    """Per arm: label rate, final F1, labels to reach the full-data F1 (per seed, paired), F1 at 50% budget;
+    active - random at 50%, paired by seed. Means with 95% t-intervals over seeds. Test split only."""
+    half = args.pool_rows // 2
+    table = {}
+    for arm, rs in runs.items():
+        reach = []
+        if "all" in runs:
+            for r, full in zip(rs, runs["all"]):
+                need = labels_to_reach(r["points"], full["final"]["test"], "test")
+                reach.append(need / args.pool_rows if need is not None else math.nan)
+        table[arm] = dict(
+            label_rate=t_interval([r["label_rate"] for r in rs]),
+            final_f1=t_interval([r["final"]["test"] for r in rs]),
+            f1_at_half=t_interval([f1_at(r["points"], half, "test") or 0.0 for r in rs]),
+            trusted_accuracy=t_interval([r["trusted_accuracy"] for r in rs if not math.isnan(r["trusted_accuracy"])]
+                                        or [math.nan]),
+            reach_full_f1_frac=reach, seeds=[r["seed"] for r in rs])
+    paired = {}
+    if "random" in runs:
+        for arm in (a for a in runs if a.startswith("active") or a.endswith("_only")):
+            diffs = [(f1_at(a["points"], half, "test") or 0.0) - (f1_at(r["points"], half, "test") or 0.0)
+                     for a, r in zip(runs[arm], runs["random"])]
+            paired[arm] = t_interval(diffs)
+    return dict(table=table, active_minus_random_at_half=paired)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from actprm_ray.data.synthetic import MIXES, generate_pool
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool-rows", type=int, default=10_000)
+    ap.add_argument("--seed", type=int, default=0, help="pool data seed and training seed")
+    ap.add_argument("--eval-rows", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--split", default="val", choices=["val", "val+test"], help="test only when reporting")
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--mix", default="addsub")
+    ap.add_argument("--ablation", default="both")
+    ap.add_argument("--passes", type=int, default=1)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--grid", action="store_true", help="run every arm x --seeds (resumable) and aggregate")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--arms", nargs="+", default=None, help=f"grid arms (default all): {', '.join(GRID_ARMS)}")
+    ap.add_argument("--work", default=str(REPO / "runs" / "pool_sim"))
+    ap.add_argument("--jobs", type=int, default=2, help="grid runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per grid run")
+    args, overrides = ap.parse_known_args(argv)
+    if args.grid:
+        report = run_grid(args, overrides)
+        text = json.dumps(report, indent=1, default=str)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text)
+        return report
+    cfg = load_config(DEFAULT_CONFIG, [f"run.seed={args.seed}", *overrides])
+    mix = MIXES[args.mix]
+    pool = generate_pool(args.pool_rows, seed=args.seed, mix=mix)
+    evals = {"val": generate_pool(args.eval_rows, seed=VALIDATION_SEED, mix=mix)}
+    if args.split == "val+test":
+        evals["test"] = generate_pool(args.eval_rows, seed=10_000, mix=mix)
+    result = simulate(cfg, args.backbone, pool, evals, eval_every=args.eval_every, ablation=args.ablation,
+                      passes=args.passes)
+    result["args"] = {**vars(args), "overrides": overrides}
+    print(json.dumps({"final": result["final"], "label_rate": result["label_rate"],
+                      "trusted_accuracy": result["trusted_accuracy"], "seconds": round(result["seconds"], 1)}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
