@@ -132,10 +132,17 @@ def kill_when(coordinator_name: str, ready, title: str, killed: list, timeout_s:
     import ray
 
     deadline = time.time() + timeout_s
+    pending = None  # one snapshot call at a time: on a loaded machine timed-out calls would pile up in its queue
     while time.time() < deadline:
         try:
-            snapshot = ray.get(ray.get_actor(coordinator_name, namespace="actprm").snapshot.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 -- the run has not created its coordinator yet
+            if pending is None:
+                pending = ray.get_actor(coordinator_name, namespace="actprm").snapshot.remote()
+            done, _ = ray.wait([pending], timeout=5)
+            if not done:
+                continue
+            snapshot, pending = ray.get(pending), None
+        except Exception:  # noqa: BLE001 -- the run has not created its coordinator yet (or it restarted)
+            pending = None
             time.sleep(0.5)
             continue
         if ready(snapshot):

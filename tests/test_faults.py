@@ -87,7 +87,11 @@ def _repaid(calls) -> int:
 def test_scorer_labeler_and_trainer_worker_killed_in_one_run(ray_local, judge_server, tmp_path):
     """Three crashes in one run (one run keeps CI inside its budget): a scorer actor, then a labeler actor, then a
     trainer worker, which FailureConfig restores from the last checkpoint."""
-    overrides = _overrides(tmp_path, "kill3", *_http_judge(judge_server), "train.max_failures=1")
+    # Tight backpressure (as conf/default.yaml): the scorer stays a few batches ahead of the trainer, so it is
+    # still alive when scored >= 16. With the 100 MB default a loaded machine scored all 96 rows in one burst and
+    # the pool had exited before the kill (seen on CI).
+    overrides = _overrides(tmp_path, "kill3", *_http_judge(judge_server), "train.max_failures=1",
+                           "pipeline.object_store_limit_mb=2", "pipeline.block_size_kb=16")
     summary = _run_and_kill(tmp_path, "kill3", overrides, [
         ("ScoreStage", lambda s: s.get("scored", 0) >= 16),
         ("LabelStage", lambda s: s.get("labelled", 0) >= 24),

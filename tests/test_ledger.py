@@ -77,3 +77,21 @@ def test_a_restarted_coordinator_rebuilds_grants_spend_and_consumed_keys_from_th
     book.restore(granted, spent, final)
     assert book.exhausted() and book.generated_tokens == 70 and book.consumed == {"a"}
     assert book.grant(["b", "t", "new"], [False] * 3)[0] == [True, True, False]  # re-asking is free; no room left
+
+
+def test_outcome_parts_of_an_uncommitted_checkpoint_leave_the_table(tmp_path):
+    from actprm_ray.pipeline import outcomes as oc
+
+    out = tmp_path / "run" / "outcomes"
+    for rank, flush, ids in [(0, 0, ["a"]), (1, 0, ["b"]), (0, 1, ["c"]), (1, 1, ["d"]), (0, 2, ["e"])]:
+        oc.write_outcome_part([oc.outcome_row(i, oc.TRAINED) for i in ids],
+                              out / f"rank{rank}-flush{flush:06d}-{flush}{rank}.parquet")
+    # The restored checkpoint covers flushes 0 and 1 (its trainer_state says flushes=2): flush 2 never committed.
+    moved = oc.quarantine_uncommitted(out, committed=2)
+    assert moved == ["rank0-flush000002-20.parquet"]
+    assert sorted(oc.read_outcome_parts(out).column("id").to_pylist()) == ["a", "b", "c", "d"]
+    assert (tmp_path / "run" / oc.UNCOMMITTED / moved[0]).is_file()  # kept for the record, out of the table
+    assert oc.quarantine_uncommitted(out, committed=2) == []  # idempotent
+    # No checkpoint at all (committed 0): nothing the trainer recorded is in the weights.
+    assert len(oc.quarantine_uncommitted(out, committed=0)) == 4 and oc.read_outcome_parts(out).num_rows == 0
+    assert oc.committed_flushes(tmp_path / "run" / "ray_train", "never_ran") == 0

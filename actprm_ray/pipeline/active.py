@@ -99,6 +99,7 @@ def run_active(cfg: Config) -> dict:
     pool = resolve_pool(cfg, run_dir)
     index = index_pool(pool, limit=cfg.data.limit)  # every row's id up front: the accounting identity needs them
     pool_ids = index.ids
+    oc.quarantine_uncommitted(run_dir / "outcomes", oc.committed_flushes(run_dir / "ray_train", cfg.run.name))
     accounted = frozenset(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
     cache_path = cfg.labeler.judge.cache_path if cfg.labeler.kind != "oracle" else None
 

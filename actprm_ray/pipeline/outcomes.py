@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +45,48 @@ def write_outcome_part(rows: list[dict], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA), tmp)
     tmp.rename(path)  # atomic: a crash never leaves half a part
+
+
+# The trainer flushes its outcomes as part of each checkpoint: rank{r}-flush{F:06d}-{ns}.parquet (train/loop.py).
+TRAINER_PART = re.compile(r"rank(\d+)-flush(\d+)-")
+UNCOMMITTED = "outcomes_uncommitted"
+
+
+def committed_flushes(ray_train_dir: Path, run_name: str) -> int:
+    """How many trainer flushes the checkpoint Ray Train restores from covers (0 when it restores none).
+
+    Ray registers a checkpoint after its upload, asynchronously: a driver killed in between leaves a checkpoint
+    directory and its outcome part on storage, yet the rerun starts from the checkpoint before. Asking Ray which
+    checkpoint it will restore (`Result.from_path`) keeps the outcomes and the model in step."""
+    from ray.train import Result
+
+    path = Path(ray_train_dir) / run_name
+    if not path.is_dir():
+        return 0
+    try:
+        checkpoint = Result.from_path(str(path)).checkpoint
+    except RuntimeError:  # no checkpoint manager snapshot: nothing was ever registered
+        return 0
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        return int(json.loads((Path(d) / "trainer_state.json").read_text()).get("flushes", 0))
+
+
+def quarantine_uncommitted(directory: Path, committed: int) -> list[str]:
+    """Move trainer parts from flush `committed` on (a checkpoint that never committed) out of the outcome table.
+
+    Their rows were trained into weights that are gone, so they must be trained again: they are re-delivered, and
+    their labels come back from the ledger for free. The parts are kept beside the table for the record."""
+    directory, moved = Path(directory), []
+    for part in sorted(directory.glob("*.parquet")) if directory.is_dir() else []:
+        m = TRAINER_PART.match(part.name)
+        if m and int(m.group(2)) >= committed:
+            dest = directory.parent / UNCOMMITTED / part.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part.rename(dest)
+            moved.append(part.name)
+    return moved
 
 
 def read_outcome_parts(directory: Path) -> pa.Table:

@@ -63,6 +63,12 @@ class Worker:
         if optim_state is not None:
             self.optimizer.load_state_dict(optim_state["optimizer"])
             self.scheduler.load_state_dict(optim_state["scheduler"])
+        # Outcomes flushed with a checkpoint that did not commit (a mid-run group restart from an earlier one):
+        # those rows are not in these weights, so they are trained again. Rank 0 moves them; the rest wait.
+        if self.rank == 0:
+            oc.quarantine_uncommitted(run_dir / "outcomes", self.state["flushes"])
+        if self.world > 1:
+            dist.barrier()
         self.accounted = set(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
         self.pending: list[dict] = []  # outcomes since the last flush
         self.lags: Counter = Counter()
@@ -197,14 +203,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics(final), checkpoint=ckpt)
 
-    if w.restored:
-        # Restored from a checkpoint (driver rerun, or a worker-group restart mid-run): scorers must get the
-        # restored weights under a version above anything published before, which after a mid-run restart is the
-        # coordinator's latest, not the checkpoint's. Rank 0's view is broadcast so every rank counts alike.
-        latest = ray.get(w.coordinator.latest.remote())[0] if w.rank == 0 else 0
-        version = torch.tensor([max(latest, w.state["version"])], dtype=torch.long)
-        if w.world > 1:
-            dist.broadcast(version, src=0)
+    # Scorers must get this group's weights under a version above anything published before: after a restore
+    # (driver rerun, mid-run group restart) or a fresh start over a lost attempt's weights (its checkpoint never
+    # committed), the coordinator's latest can be ahead of our state. Rank 0's view is broadcast so ranks agree.
+    latest = ray.get(w.coordinator.latest.remote())[0] if w.rank == 0 else 0
+    version = torch.tensor([max(latest, w.state["version"])], dtype=torch.long)
+    if w.world > 1:
+        dist.broadcast(version, src=0)
+    if w.restored or int(version.item()) > w.state["version"]:
         w.state["version"] = int(version.item())
         publish()
 

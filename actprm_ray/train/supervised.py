@@ -143,6 +143,7 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
     # only the once the loop does at start-up.
     t.publish_every = max(t.publish_every, t.total_steps + 1)
     save_resolved(cfg, run_dir)
+    oc.quarantine_uncommitted(run_dir / "outcomes", oc.committed_flushes(run_dir / "ray_train", cfg.run.name))
     accounted = frozenset(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
 
     name = coordinator_name(cfg.run.name)
