@@ -33,7 +33,7 @@ from actprm_ray.eval.metrics import first_error_metrics, first_error_prediction 
 from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig  # noqa: E402
 from actprm_ray.model.scoring import score_encoded  # noqa: E402
 from actprm_ray.select import ablation_thresholds, is_uncertain, pseudo_labels, select_rows  # noqa: E402
-from actprm_ray.train.step import build_optimizer, micro_step, optimizer_step  # noqa: E402
+from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, optimizer_step  # noqa: E402
 
 VALIDATION_SEED = 20_000  # recipe choices are made on this split; the test split (10,000) is only reported
 
@@ -53,10 +53,6 @@ def evaluate(model: EnsemblePRM, encoded: list[dict], tau: float = 0.5) -> dict:
     scores = score_encoded(model, encoded, batch_size=64)
     preds = [first_error_prediction(s["step_mean"], tau) for s in scores]
     return first_error_metrics([r["oracle_first_error_step"] for r in encoded], preds)
-
-
-def oracle_labels(k: int, m: int) -> list[int]:
-    return [1] * m if k < 0 else [1] * k + [0]
 
 
 def fresh_model(backbone: str, cfg: Config) -> EnsemblePRM:
@@ -95,12 +91,12 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
                              seed=sel.seed)
         for r, take, s in zip(batch, chosen, scores or [None] * len(batch)):
             if take:
-                buffer.append({**r, "hard_labels": oracle_labels(r["oracle_first_error_step"],
+                buffer.append({**r, "hard_labels": inline_labels(r["oracle_first_error_step"],
                                                                  len(r["readout_positions"]))})
                 labels += 1
             elif s is not None:
                 trusted += 1
-                want = oracle_labels(r["oracle_first_error_step"], len(s["step_mean"]))
+                want = inline_labels(r["oracle_first_error_step"], len(s["step_mean"]))
                 trusted_right += pseudo_labels(s["step_mean"], sel.step_threshold) == want
         while len(buffer) >= t.micro_batch_size:
             rows, buffer = buffer[:t.micro_batch_size], buffer[t.micro_batch_size:]
