@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actprm_ray.eval.curves import f1_at_budget, labels_to_reach  # noqa: E402
+
 TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm_ray.pipeline.active
 
 
@@ -138,23 +140,6 @@ def evaluate_checkpoint(model_dir: Path, test_rows: list[dict], tau: float = 0.5
                                     system_prompt=model.config.system_prompt, batch_size=32)
     preds = [first_error_prediction(s["step_mean"], tau) for s in scores]
     return first_error_metrics([int(r["first_error_step"]) for r in test_rows], preds)
-
-
-def f1_at_budget(points: list[dict], labels: float) -> float | None:
-    """F1 of the last checkpoint whose labels used is <= `labels` (a step function); None before the first."""
-    best = None
-    for p in sorted(points, key=lambda p: p["labels"]):
-        if p["labels"] <= labels + 1e-9:
-            best = p["f1"]
-    return best
-
-
-def labels_to_reach(points: list[dict], target: float) -> int | None:
-    """The fewest labels at which a checkpoint's F1 reaches `target`; None if it never does."""
-    for p in sorted(points, key=lambda p: p["labels"]):
-        if p["f1"] >= target:
-            return int(p["labels"])
-    return None
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

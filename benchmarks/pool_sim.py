@@ -29,6 +29,8 @@ import torch  # noqa: E402
 
 from actprm_ray.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
 from actprm_ray.data.step_format import encode_trajectory  # noqa: E402
+from actprm_ray.eval.curves import f1_at_budget as f1_at  # noqa: E402
+from actprm_ray.eval.curves import labels_to_reach  # noqa: E402
 from actprm_ray.eval.metrics import first_error_metrics, first_error_prediction  # noqa: E402
 from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig  # noqa: E402
 from actprm_ray.model.scoring import score_encoded  # noqa: E402
@@ -142,22 +144,6 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}.get(n - 1, 2.0)
     h = t * stdev(xs) / math.sqrt(n)
     return m, m - h, m + h
-
-
-def f1_at(points: list[dict], labels: float, split: str) -> float | None:
-    """F1 of the last evaluation with at most `labels` labels (a step function)."""
-    best = None
-    for p in sorted(points, key=lambda p: p["labels"]):
-        if p["labels"] <= labels:
-            best = p[split]
-    return best
-
-
-def labels_to_reach(points: list[dict], target: float, split: str) -> int | None:
-    for p in sorted(points, key=lambda p: p["labels"]):
-        if p[split] >= target - 1e-9:
-            return int(p["labels"])
-    return None
 
 
 def _grid_task(task: dict) -> str:
