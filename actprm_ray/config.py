@@ -57,6 +57,12 @@ class SelectionConfig:
     random_rate: float = 0.5  # selection probability in mode=random (match it to the active arm's label rate)
     seed: int = 0  # seed of mode=random (per-row hash, so independent of batching)
     inline: bool = False  # paper's Algorithm 1: select inside the trainer's forward pass, no separate scorer
+    # Beyond the paper (mode active, streaming and pool simulation): docs/RESULTS.md shows why a user needs them.
+    audit_rate: float = 0.0  # share of trusted rows labelled anyway: an unbiased pseudo-label accuracy estimate
+    target_rate: Optional[float] = None  # hold this label rate by scaling both thresholds (None = fixed thresholds)
+    accuracy_floor: float = 0.8  # the controller trusts nothing while audited accuracy is below this
+    controller_window: int = 512  # recent rows whose scores set the controller's threshold scale
+    min_audits: int = 20  # audits (of the last 100) needed before the floor can trip
 
 
 @dataclass
@@ -269,6 +275,16 @@ def validate(cfg: Config) -> Config:
         errors.append(f"selection.delta_std={s.delta_std}: must be >= 0")
     if not 0.0 <= s.random_rate <= 1.0:
         errors.append(f"selection.random_rate={s.random_rate}: must lie in [0, 1]")
+    if not 0.0 <= s.audit_rate <= 1.0:
+        errors.append(f"selection.audit_rate={s.audit_rate}: must lie in [0, 1]")
+    if s.target_rate is not None:
+        if not 0.0 < s.target_rate <= 1.0:
+            errors.append(f"selection.target_rate={s.target_rate}: must lie in (0, 1]")
+        if s.audit_rate <= 0.0:
+            errors.append("selection.target_rate needs selection.audit_rate > 0: the controller's guard against "
+                          "trusting a wrong model reads the audited accuracy")
+        if s.inline:
+            errors.append("selection.target_rate works with the streaming scorer, not selection.inline=true")
     if cfg.model.n_heads < 1:
         errors.append(f"model.n_heads={cfg.model.n_heads}: must be >= 1")
     if cfg.model.max_length < 8:

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actprm_ray.eval.curves import f1_at_budget, labels_to_reach  # noqa: E402
+from actprm_ray.eval.curves import f1_at_budget, labels_to_reach, plot_label_efficiency  # noqa: E402
 
 TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm_ray.pipeline.active
 
@@ -271,33 +271,11 @@ def write_markdown(plan: Plan, agg: dict, path: Path) -> None:
 
 
 def write_plot(plan: Plan, results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, runs in results.items():
-        grid = sorted({p["labels"] for r in runs for p in r["points"]})
-        ys = np.array([[f1_at_budget(r["points"], g) if g <= r["run"]["labels_used"] + 1e-9 else np.nan
-                        for g in grid] for r in runs], dtype=float)
-        ok = ~np.all(np.isnan(ys), axis=0)
-        x = np.array(grid)[ok]
-        ys = ys[:, ok]
-        line, = ax.plot(100 * x / plan.pool_rows, np.nanmean(ys, axis=0), label=arm, drawstyle="steps-post")
-        ax.fill_between(100 * x / plan.pool_rows, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), step="post",
-                        alpha=0.2, color=line.get_color())
-    if "all" in results:
-        full = np.mean([r["points"][-1]["f1"] for r in results["all"]])
-        ax.axhline(full, ls="--", color="gray", lw=0.8, label="full-data final F1")
-    ax.set_xlabel(f"labels used (% of the {plan.pool_rows}-row pool)")
-    ax.set_ylabel("ProcessBench-protocol F1 (τ=0.5), held-out synthetic")
-    ax.set_title(f"Label efficiency, tiny PRM ({len(plan.seeds)} seed(s); shade = min..max)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    refs = {"full-data final F1": mean_std([r["points"][-1]["f1"] for r in results["all"]])[0]} if "all" in results else {}
+    plot_label_efficiency({arm: [r["points"] for r in runs] for arm, runs in results.items()}, path,
+                          pool_rows=plan.pool_rows, references=refs,
+                          title=f"Label efficiency through the streaming loop ({len(plan.seeds)} seed(s); "
+                                "band: 95% t-interval)")
 
 
 # --- driver -------------------------------------------------------------------------------------------------

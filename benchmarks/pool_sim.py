@@ -30,14 +30,17 @@ import torch  # noqa: E402
 from actprm_ray.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
 from actprm_ray.data.step_format import encode_trajectory  # noqa: E402
 from actprm_ray.eval.curves import f1_at_budget as f1_at  # noqa: E402
-from actprm_ray.eval.curves import labels_to_reach  # noqa: E402
+from actprm_ray.eval.curves import labels_to_reach, plot_label_efficiency, t_interval  # noqa: E402
 from actprm_ray.eval.metrics import first_error_metrics, first_error_prediction  # noqa: E402
 from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig  # noqa: E402
 from actprm_ray.model.scoring import score_encoded  # noqa: E402
-from actprm_ray.select import ablation_thresholds, is_uncertain, pseudo_labels, select_rows  # noqa: E402
+from actprm_ray.pipeline.stages import SelectStage  # noqa: E402
+from actprm_ray.select import RateController, ablation_thresholds, pseudo_labels, wilson_interval  # noqa: E402
 from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, optimizer_step  # noqa: E402
 
-VALIDATION_SEED = 20_000  # recipe choices are made on this split; the test split (10,000) is only reported
+VALIDATION_SEED = 20_000  # recipe choices are made on this split; the test split is only reported
+TEST_SEED = 10_000
+DEFAULT_CONFIG_SEP = load_config(DEFAULT_CONFIG, []).model.sep
 
 
 def encode_rows(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
@@ -76,30 +79,43 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
     optimizer, scheduler = build_optimizer(model, model, cfg.train)
     sel, t = cfg.selection, cfg.train
     thresholds = ablation_thresholds(ablation, sel.delta_pred, sel.delta_std)
-    labels = steps = trusted = trusted_right = 0
+    controller = (RateController(sel.target_rate, window=sel.controller_window, accuracy_floor=sel.accuracy_floor,
+                                 min_audits=sel.min_audits) if sel.target_rate is not None else None)
+    select = SelectStage(mode=sel.mode, step_threshold=sel.step_threshold, random_rate=sel.random_rate, seed=sel.seed,
+                         audit_rate=sel.audit_rate, controller=controller, **thresholds)
+    labels = steps = trusted = trusted_right = audited = audit_right = 0
     buffer: list[dict] = []
     points = [{"labels": 0, "steps": 0, **{k: evaluate(model, v)["f1"] for k, v in eval_enc.items()}}]
+    rates: list[dict] = []  # the label rate as the pool streams by (the controller's trace)
     next_eval, t0 = eval_every, time.time()
     for start in range(0, len(encoded), t.micro_batch_size):
         batch = encoded[start:start + t.micro_batch_size]
         if sel.mode == "active":
             model.eval()
             scores = score_encoded(model, batch, batch_size=len(batch))
-            uncertain = [is_uncertain(s["step_mean"], s["step_std"], step_threshold=sel.step_threshold, **thresholds)
-                         for s in scores]
         else:
-            scores, uncertain = None, [True] * len(batch)
-        chosen = select_rows(sel.mode, uncertain, [r["id"] for r in batch], random_rate=sel.random_rate,
-                             seed=sel.seed)
-        for r, take, s in zip(batch, chosen, scores or [None] * len(batch)):
+            scores = [{"step_mean": [], "step_std": []} for _ in batch]
+        decided = select({"id": [r["id"] for r in batch], "valid": [True] * len(batch),
+                          "step_mean": [s["step_mean"] for s in scores], "step_std": [s["step_std"] for s in scores]})
+        audits = []
+        for r, take, audit, s in zip(batch, decided["selected"], decided["audit"], scores):
+            want = inline_labels(r["oracle_first_error_step"], len(r["readout_positions"]))
             if take:
-                buffer.append({**r, "hard_labels": inline_labels(r["oracle_first_error_step"],
-                                                                 len(r["readout_positions"]))})
+                buffer.append({**r, "hard_labels": want})
                 labels += 1
-            elif s is not None:
+            if audit:  # the oracle stands in for the judge: its label is the audit's answer
+                audits.append(pseudo_labels(s["step_mean"], sel.step_threshold) == want)
+            elif not take and sel.mode == "active":
                 trusted += 1
-                want = inline_labels(r["oracle_first_error_step"], len(s["step_mean"]))
                 trusted_right += pseudo_labels(s["step_mean"], sel.step_threshold) == want
+        audited, audit_right = audited + len(audits), audit_right + sum(audits)
+        if controller is not None and audits:
+            controller.record_audits(audits)
+        seen = start + len(batch)
+        if seen % 512 < t.micro_batch_size:
+            rates.append({"seen": seen, "labels": labels, "rate": labels / seen,
+                          "scale": controller.scale if controller else 1.0,
+                          "guarded": bool(controller.guarded) if controller else False})
         while len(buffer) >= t.micro_batch_size:
             rows, buffer = buffer[:t.micro_batch_size], buffer[t.micro_batch_size:]
             for _ in range(passes):
@@ -119,7 +135,10 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
     if points[-1]["labels"] != labels:
         points.append({kk: final[kk] for kk in ["labels", "steps", "seen", *eval_enc]})
     return dict(points=points, final=final, label_rate=labels / max(1, len(encoded)), trusted=trusted,
-                trusted_accuracy=(trusted_right / trusted) if trusted else math.nan, seconds=time.time() - t0)
+                trusted_accuracy=(trusted_right / trusted) if trusted else math.nan,
+                audited=audited, audited_accuracy=(audit_right / audited) if audited else math.nan,
+                audited_accuracy_95=list(wilson_interval(audit_right, audited)), rate_trace=rates,
+                controller=controller.state() if controller else None, seconds=time.time() - t0)
 
 
 # --- the grid: arms x seeds, resumable, aggregated ----------------------------------------------------------
@@ -130,20 +149,11 @@ GRID_ARMS: dict[str, tuple[list[str], str]] = {  # name -> (config overrides, ab
     "aleatoric_only": (["selection.mode=active"], "aleatoric_only"),
     "epistemic_only": (["selection.mode=active"], "epistemic_only"),
     "random": (["selection.mode=random"], "both"),  # rate-matched per seed to PAPER_ARM
+    # Beyond the paper: the label-rate controller (paper thresholds as its starting scale), 2% audits.
+    **{f"controller_r{r}": (["selection.mode=active", f"selection.target_rate={r}", "selection.audit_rate=0.02"],
+                            "both") for r in (0.3, 0.5)},
 }
 PAPER_ARM = "active_dp0.95_ds0.005"
-
-
-def t_interval(xs: list[float]) -> tuple[float, float, float]:
-    """Mean and a 95% Student-t interval (n - 1 degrees of freedom)."""
-    from statistics import mean, stdev
-
-    n, m = len(xs), mean(xs)
-    if n < 2:
-        return m, math.nan, math.nan
-    t = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}.get(n - 1, 2.0)
-    h = t * stdev(xs) / math.sqrt(n)
-    return m, m - h, m + h
 
 
 def _grid_task(task: dict) -> str:
@@ -157,8 +167,8 @@ def _grid_task(task: dict) -> str:
     cfg = load_config(DEFAULT_CONFIG, task["overrides"])
     mix = MIXES[task["mix"]]
     pool = generate_pool(task["pool_rows"], seed=task["seed"], mix=mix)
-    evals = {"val": generate_pool(task["eval_rows"], seed=VALIDATION_SEED, mix=mix),
-             "test": generate_pool(task["eval_rows"], seed=10_000, mix=mix)}
+    # The grid reports; recipe choices were made on the validation split (single runs, --split val) before it.
+    evals = {"test": generate_pool(task["eval_rows"], seed=TEST_SEED, mix=mix)}
     result = simulate(cfg, task["backbone"], pool, evals, eval_every=task["eval_every"], ablation=task["ablation"],
                       passes=task["passes"], log=lambda line: None)
     result.update(arm=task["arm"], seed=task["seed"], overrides=task["overrides"])
@@ -199,7 +209,34 @@ def run_grid(args, recipe: list[str]) -> dict:
             for done in pool.map(_grid_task, rand):
                 print(f"[pool_sim] {Path(done).stem} ({time.time() - t0:.0f}s)", flush=True)
     runs = {a: [load(a, s) for s in args.seeds] for a in arms}
-    return aggregate(runs, args)
+    report = aggregate(runs, args)
+    report["zero_label_reference"] = surprise_reference(args)
+    # The curves behind the table, so `--render` redraws the figure and table without a rerun.
+    report["runs"] = {a: [{k: r.get(k) for k in ("seed", "points", "final", "label_rate", "trusted_accuracy", "audited",
+                                                  "audited_accuracy", "audited_accuracy_95", "rate_trace",
+                                                  "controller", "overrides", "seconds")} for r in rs]
+                      for a, rs in runs.items()}
+    report["args"] = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    report["recipe"] = recipe
+    return report
+
+
+def surprise_reference(args) -> dict:
+    """F1 of the pretrained LM's surprise detector (no labels) on the same test rows: the figure's reference line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actprm_ray.data.synthetic import MIXES, generate_pool
+    from actprm_ray.model.pretrain import surprise_first_errors
+
+    rows = generate_pool(args.eval_rows, seed=TEST_SEED, mix=MIXES[args.mix])
+    tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+    if DEFAULT_CONFIG_SEP not in tokenizer.get_vocab():
+        return {"detector": None, "reason": "the backbone was not pretrained with the step separator"}
+    lm = AutoModelForCausalLM.from_pretrained(args.backbone)
+    preds = surprise_first_errors(lm, tokenizer, rows)
+    m = first_error_metrics([int(r["first_error_step"]) for r in rows], preds)
+    return {"detector": "first result digit with LM probability < 0.5", "f1": m["f1"], "acc_err": m["acc_err"],
+            "acc_cor": m["acc_cor"]}
 
 
 def aggregate(runs: dict[str, list[dict]], args) -> dict:
@@ -219,6 +256,11 @@ def aggregate(runs: dict[str, list[dict]], args) -> dict:
             f1_at_half=t_interval([f1_at(r["points"], half, "test") or 0.0 for r in rs]),
             trusted_accuracy=t_interval([r["trusted_accuracy"] for r in rs if not math.isnan(r["trusted_accuracy"])]
                                         or [math.nan]),
+            audited_accuracy=t_interval([r["audited_accuracy"] for r in rs
+                                         if not math.isnan(r.get("audited_accuracy", math.nan))] or [math.nan]),
+            audits=[r.get("audited", 0) for r in rs],
+            rate_error_vs_target=[(r["label_rate"] - r["controller"]["target_rate"]) / r["controller"]["target_rate"]
+                                  for r in rs if r.get("controller")],
             reach_full_f1_frac=reach, seeds=[r["seed"] for r in rs])
     paired = {}
     if "random" in runs:
@@ -226,7 +268,57 @@ def aggregate(runs: dict[str, list[dict]], args) -> dict:
             diffs = [(f1_at(a["points"], half, "test") or 0.0) - (f1_at(r["points"], half, "test") or 0.0)
                      for a, r in zip(runs[arm], runs["random"])]
             paired[arm] = t_interval(diffs)
-    return dict(table=table, active_minus_random_at_half=paired)
+    # The controller against fixed thresholds at equal labels: its final F1 minus the paper arm's F1 at the
+    # controller's label count, paired by seed (the paper arm runs on, so it has a point there).
+    versus_fixed = {}
+    for arm in (a for a in runs if a.startswith("controller") and PAPER_ARM in runs):
+        diffs = [c["final"]["test"] - (f1_at(f["points"], c["final"]["labels"], "test") or 0.0)
+                 for c, f in zip(runs[arm], runs[PAPER_ARM])]
+        versus_fixed[arm] = t_interval(diffs)
+    return dict(table=table, active_minus_random_at_half=paired, controller_minus_fixed_at_equal_labels=versus_fixed)
+
+
+FIGURE_ARMS = ("all", PAPER_ARM, "random", "controller_r0.5", "aleatoric_only")
+
+
+def write_grid_outputs(report: dict, out: Path) -> None:
+    """`out` (JSON) plus its .png (Fig. 2a's shape) and .md (the table), all from the report alone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str))
+    runs, pool_rows = report["runs"], report["args"]["pool_rows"]
+    refs = {}
+    if "all" in report["table"]:
+        refs["full-data final F1"] = report["table"]["all"]["final_f1"][0]
+    if report.get("zero_label_reference", {}).get("f1") is not None:
+        refs["zero-label LM surprise"] = report["zero_label_reference"]["f1"]
+    shown = [a for a in FIGURE_ARMS if a in runs]
+    traces = {a: [r["rate_trace"] for r in runs[a]] for a in shown if a.startswith(("controller", "active"))}
+    targets = {a: runs[a][0]["controller"]["target_rate"] for a in traces if runs[a][0].get("controller")}
+    seeds = len(next(iter(runs.values())))
+    plot_label_efficiency({a: [r["points"] for r in runs[a]] for a in shown}, out.with_suffix(".png"),
+                          pool_rows=pool_rows, key="test", references=refs, rate_traces=traces, targets=targets,
+                          title=f"Pool simulation, pretrained tiny PRM, {seeds} seeds (band: 95% t-interval)")
+    def cell(v):
+        m, lo, hi = v
+        return "—" if m is None or math.isnan(m) else (f"{m:.3f}" if math.isnan(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
+
+    lines = ["| arm | label rate | final test F1 | F1 at 50% labels | trusted pseudo-label acc (oracle) | "
+             "audited acc | labels to reach `all`'s final F1 (per seed, % of pool) |", "|---|---|---|---|---|---|---|"]
+    for arm, row in report["table"].items():
+        reach = ", ".join("never" if math.isnan(x) else f"{100 * x:.0f}%" for x in row["reach_full_f1_frac"])
+        lines.append(f"| {arm} | {cell(row['label_rate'])} | {cell(row['final_f1'])} | {cell(row['f1_at_half'])} | "
+                     f"{cell(row['trusted_accuracy'])} | {cell(row.get('audited_accuracy', [math.nan] * 3))} | "
+                     f"{reach} |")
+    lines += ["", "Paired by seed (mean [95% t-interval]):", ""]
+    for arm, v in report["active_minus_random_at_half"].items():
+        lines.append(f"- {arm} − random, F1 at 50% labels: {cell(v)}")
+    for arm, v in report.get("controller_minus_fixed_at_equal_labels", {}).items():
+        lines.append(f"- {arm} − {PAPER_ARM} at the controller's labels: {cell(v)}")
+    for arm in (a for a in report["table"] if a.startswith("controller")):
+        errs = report["table"][arm]["rate_error_vs_target"]
+        lines.append(f"- {arm}: label rate − target, relative, per seed: "
+                     + ", ".join(f"{100 * e:+.1f}%" for e in errs))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--split", default="val", choices=["val", "val+test"], help="test only when reporting")
-    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--backbone", default="", help="a pretrained backbone directory (required unless --render)")
     ap.add_argument("--mix", default="addsub")
     ap.add_argument("--ablation", default="both")
     ap.add_argument("--passes", type=int, default=1)
@@ -249,21 +341,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=str(REPO / "runs" / "pool_sim"))
     ap.add_argument("--jobs", type=int, default=2, help="grid runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per grid run")
+    ap.add_argument("--render", default="", help="re-draw the PNG and table of a finished grid's JSON and exit")
     args, overrides = ap.parse_known_args(argv)
+    if args.render:  # re-aggregates from the stored runs, so a table change needs no re-run
+        report = json.loads(Path(args.render).read_text())
+        report.update(aggregate(report["runs"], argparse.Namespace(**report["args"])))
+        write_grid_outputs(report, Path(args.render))
+        return report
+    if not args.backbone:
+        ap.error("--backbone is required (build one with `python jobs/pretrain.py`)")
     if args.grid:
         report = run_grid(args, overrides)
-        text = json.dumps(report, indent=1, default=str)
-        print(text)
+        print(json.dumps({k: report[k] for k in report if k != "runs"}, indent=1, default=str))
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text)
+            write_grid_outputs(report, Path(args.out))
         return report
     cfg = load_config(DEFAULT_CONFIG, [f"run.seed={args.seed}", *overrides])
     mix = MIXES[args.mix]
     pool = generate_pool(args.pool_rows, seed=args.seed, mix=mix)
     evals = {"val": generate_pool(args.eval_rows, seed=VALIDATION_SEED, mix=mix)}
     if args.split == "val+test":
-        evals["test"] = generate_pool(args.eval_rows, seed=10_000, mix=mix)
+        evals["test"] = generate_pool(args.eval_rows, seed=TEST_SEED, mix=mix)
     result = simulate(cfg, args.backbone, pool, evals, eval_every=args.eval_every, ablation=args.ablation,
                       passes=args.passes)
     result["args"] = {**vars(args), "overrides": overrides}

@@ -126,3 +126,27 @@ def test_inline_selection_mode(ray_local, tmp_path):
     summary = run_active(_cfg(tmp_path, "inline", "selection.inline=true", "data.synthetic_rows=64"))
     assert summary["identity_holds"]
     assert summary["outcomes"]["trained"] + summary["outcomes"]["confident"] == 64
+
+
+def test_controller_and_audits_in_the_streaming_loop(ray_local, tmp_path):
+    """selection.target_rate: one controller in the coordinator serves every select task; audited rows are
+    labelled, trained and recorded with their pseudo-label checked against the judge (here the oracle)."""
+    from actprm_ray.pipeline.active import run_active
+
+    summary = run_active(_cfg(tmp_path, "controlled", "data.synthetic_rows=160", "selection.target_rate=0.3",
+                              "selection.audit_rate=0.25", "selection.controller_window=32",
+                              "selection.accuracy_floor=0.0"))  # an untrained model would (rightly) trip the guard
+    assert summary["identity_holds"]
+    audit, controller = summary["audit"], summary["audit"]["controller"]
+    # Every row scored went through the one controller, and every row it chose was labelled.
+    assert controller["seen"] == 160 and controller["labelled"] == summary["labels_used"]
+    assert 0.2 <= summary["label_rate"] <= 0.45, summary["label_rate"]  # fixed thresholds label ~all of them
+    rows = _outcomes(summary)
+    audited = [r for r in rows if r["audited"]]
+    assert audit["audited_rows"] == len(audited) > 0
+    assert all(r["outcome"] == oc.TRAINED and r["audit_correct"] in (0, 1) for r in audited)
+    # The oracle is the judge here, so the audit and its check must agree row by row.
+    assert all(r["audit_correct"] == r["pseudo_label_correct"] for r in audited)
+    assert audit["accuracy_vs_judge"] == audit["accuracy_vs_oracle"]
+    low, high = audit["accuracy_vs_judge_95"]
+    assert low <= audit["accuracy_vs_judge"] <= high

@@ -90,3 +90,18 @@ def test_worker_churn_dry_run_keep_alive_reuses_workers(tmp_path):
     assert default["waves"] == ours["waves"] == 8  # a count, not a time: a slow CI machine still runs every wave
     # Ray's 1 s keep-alive kills the extra workers between waves (2 s apart) and restarts them; ours keeps them.
     assert ours["workers_started"] < default["workers_started"]
+
+
+@pytest.mark.ray
+def test_loop_speed_dry_run(tmp_path):
+    """B5's harness: both loops over the same 64 rows, the streaming clock started and stopped by the watcher."""
+    out = tmp_path / "b5.json"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loop_speed.py"), "--dry_run", "--work",
+                        str(tmp_path), "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    [rep] = json.loads(out.read_text())
+    plain, ray_run = rep["in_process"], rep["streaming"]
+    assert plain["rows"] == ray_run["rows"] == 64
+    assert 0 < ray_run["steady_s"] < ray_run["wall_s"] and ray_run["startup_s"] > 0
+    assert rep["ratio_rows_per_s"] == pytest.approx(ray_run["rows_per_s"] / plain["rows_per_s"])
+    assert plain["optimizer_steps"] == plain["labels"] // 8  # full micro-batches of labelled rows

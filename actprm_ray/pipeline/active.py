@@ -18,6 +18,7 @@ from actprm_ray.pipeline.plan import build_active_plan
 from actprm_ray.pipeline.ray_env import init_ray
 from actprm_ray.label.cache import LabelCache
 from actprm_ray.ledger import grants_folder, run_ledger_uri
+from actprm_ray.select import wilson_interval
 
 # Paper cost model (METHOD §7): C ≈ 1,920 generated judge tokens per critique.
 TOKENS_PER_CRITIQUE = 1920
@@ -72,7 +73,16 @@ class StatusPrinter(threading.Thread):
             rate = s.get("labelled", 0) / max(s["elapsed_s"], 1e-9)
             print(f"[actprm] {s['elapsed_s']:6.0f}s scored={int(s.get('scored', 0))} selected={int(s.get('selected', 0))} "
                   f"labelled={int(s.get('labelled', 0))} consumed={s['budget']['consumed']} "
-                  f"steps={int(s.get('trained_steps', 0))} version={s['version']} labels/s={rate:.2f}", flush=True)
+                  f"steps={int(s.get('trained_steps', 0))} version={s['version']} labels/s={rate:.2f}"
+                  f"{controller_status(s.get('controller'))}", flush=True)
+
+
+def controller_status(state: dict | None) -> str:
+    if not state:
+        return ""
+    guard = " GUARDED (audited accuracy below the floor: trusting nothing)" if state["guarded"] else ""
+    return (f" rate={state['label_rate']:.3f}/target {state['target_rate']:.3f} scale={state['scale']:.3g} "
+            f"audit acc={state['recent_audit_accuracy']:.2f} (n={state['recent_audits']}){guard}")
 
 
 def run_active(cfg: Config) -> dict:
@@ -107,7 +117,7 @@ def run_active(cfg: Config) -> dict:
     # The budget is the run's lifetime budget: the coordinator rebuilds what earlier runs granted from the ledger.
     coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(
         str(run_dir), cfg.budget.max_labels, cfg.budget.max_judge_tokens,
-        cfg.labeler.judge.max_tokens if cfg.labeler.kind != "oracle" else 0, cache_path)
+        cfg.labeler.judge.max_tokens if cfg.labeler.kind != "oracle" else 0, cache_path, controller_config(cfg))
     labels_before = ray.get(coordinator.budget_state.remote())["labels"]
     plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
     print(f"[actprm] run dir {run_dir}\n[actprm] plan:\n{plan.describe()}", flush=True)
@@ -131,6 +141,28 @@ def run_active(cfg: Config) -> dict:
     summary = summarize(cfg, run_dir, table, counts, snapshot, result, time.time() - started, labels_before)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def controller_config(cfg: Config) -> dict | None:
+    s = cfg.selection
+    if s.target_rate is None or s.mode != "active":
+        return None
+    return dict(target_rate=s.target_rate, window=s.controller_window, accuracy_floor=s.accuracy_floor,
+                min_audits=s.min_audits)
+
+
+def audit_summary(rows: list[dict], controller: dict | None) -> dict:
+    """Audited trust: pseudo-label accuracy on audited rows against the judge (what a user sees with a real judge),
+    with its Wilson interval, beside the same rows against the pool's label when it has one (the check)."""
+    audited = [r for r in rows if r["audited"]]
+    judged = [r["audit_correct"] for r in audited if r["audit_correct"] >= 0]
+    oracle = [r["pseudo_label_correct"] for r in audited if r["pseudo_label_correct"] >= 0]
+    low, high = wilson_interval(sum(judged), len(judged))
+    return {"audited_rows": len(audited), "audits_judged": len(judged),
+            "accuracy_vs_judge": sum(judged) / len(judged) if judged else None,
+            "accuracy_vs_judge_95": [low, high] if judged else None,
+            "accuracy_vs_oracle": sum(oracle) / len(oracle) if oracle else None,
+            "controller": controller}
 
 
 def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_before) -> dict:
@@ -171,6 +203,7 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
         "judge": judge_counters(snapshot),  # judge requests, re-samples, HTTP posts/retries/errors by kind
         "trust_pct": 100.0 * counts[oc.CONFIDENT] / max(1, scored),
         "pseudo_label_accuracy": (sum(r["pseudo_label_correct"] for r in judged) / len(judged)) if judged else None,
+        "audit": audit_summary(rows, snapshot.get("controller")),
         "model_versions_published": snapshot["version"],
         "lag_histogram": {str(k): v for k, v in sorted(lags.items())},
         "trainer": trainer | {"optimizer_steps": int(snapshot.get("trained_steps", 0))},

@@ -24,6 +24,7 @@ import ray
 from actprm_ray.label.base import GrantBook
 from actprm_ray.label.cache import LabelCache
 from actprm_ray.ledger import grants_folder
+from actprm_ray.select import RateController
 
 
 def ledger_state(ledger_uri: str, cache_path: str | None, outcomes_dir: str | Path) -> tuple[dict, dict, set]:
@@ -44,7 +45,7 @@ def ledger_state(ledger_uri: str, cache_path: str | None, outcomes_dir: str | Pa
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RunCoordinator:
     def __init__(self, run_dir: str, max_labels=None, max_judge_tokens=None, tokens_per_request: int = 0,
-                 cache_path: str | None = None):
+                 cache_path: str | None = None, controller: dict | None = None):
         from actprm_ray.ledger import run_ledger_uri
 
         self._run_dir, self._ledger_uri = Path(run_dir), run_ledger_uri(run_dir)
@@ -54,6 +55,8 @@ class RunCoordinator:
         self._version, self._path = self._newest_weights()
         self._counters: dict[str, float] = defaultdict(float)
         self._started = time.time()
+        # Soft state: it shapes which rows are asked, never the budget; a restart starts it again at scale 1.
+        self._controller = RateController(**controller) if controller else None
 
     def _newest_weights(self) -> tuple[int, str]:
         files = sorted((self._run_dir / "weights").glob("v*.safetensors"))
@@ -93,6 +96,20 @@ class RunCoordinator:
     def budget_state(self) -> dict:
         return self._book.state()
 
+    # label-rate controller (select.RateController), shared by every select task
+    def decide(self, scores: list[float], candidates: list[bool]) -> tuple[list[bool], list[bool]]:
+        selected, audit = self._controller.decide(scores, candidates)
+        return selected.tolist(), audit.tolist()
+
+    def record_audits(self, correct: list[bool]) -> None:
+        self._counters["audits"] += len(correct)
+        self._counters["audits_correct"] += sum(correct)
+        if self._controller is not None:
+            self._controller.record_audits(correct)
+
+    def controller_state(self) -> dict | None:
+        return self._controller.state() if self._controller is not None else None
+
     # progress
     def add(self, counters: dict) -> None:
         for k, v in counters.items():
@@ -100,7 +117,7 @@ class RunCoordinator:
 
     def snapshot(self) -> dict:
         return {"version": self._version, "elapsed_s": time.time() - self._started, **self._counters,
-                "budget": self.budget_state()}
+                "budget": self.budget_state(), "controller": self.controller_state()}
 
 
 class CoordinatorBudget:
@@ -121,6 +138,16 @@ class CoordinatorBudget:
     def add_counters(self, counters: dict[str, int]) -> None:
         # Waited for, so the counts are in before the batch's rows reach the driver's summary.
         ray.get(self.handle.add.remote({f"{JUDGE_PREFIX}{k}": v for k, v in counters.items()}))
+
+
+class CoordinatorController:
+    """The RateController protocol (decide) over the coordinator actor: one controller for all select tasks."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def decide(self, scores: list[float], candidates: list[bool]) -> tuple[list[bool], list[bool]]:
+        return ray.get(self.handle.decide.remote(list(scores), [bool(c) for c in candidates]))
 
 
 JUDGE_PREFIX = "judge_"

@@ -26,18 +26,21 @@ OUTCOME_SCHEMA = pa.schema([
     ("judge_tokens", pa.int64()),
     ("pseudo_label_correct", pa.int8()),  # confident rows with a known label: 1/0; otherwise -1
     ("label_key", pa.string()),  # the granted label's key ("" if none): the budget's stop rule reads it back
+    ("audited", pa.bool_()),  # a trusted row labelled anyway (selection.audit_rate, or the controller's guard)
+    ("audit_correct", pa.int8()),  # audited rows with a judge label: pseudo-label == judge label 1/0; otherwise -1
 ])
 
 
 def outcome_row(row_id, outcome, reason="", *, model_version=-1, train_version=-1, label_source="",
                 label_cache_hit=False, judge_prompt_tokens=0, judge_tokens=0, pseudo_label_correct=-1,
-                label_key="") -> dict:
+                label_key="", audited=False, audit_correct=-1) -> dict:
     if outcome not in OUTCOMES:
         raise ValueError(f"unknown outcome {outcome!r}")
     return dict(id=str(row_id), outcome=outcome, reason=reason, model_version=int(model_version),
                 train_version=int(train_version), label_source=label_source, label_cache_hit=bool(label_cache_hit),
                 judge_prompt_tokens=int(judge_prompt_tokens), judge_tokens=int(judge_tokens),
-                pseudo_label_correct=int(pseudo_label_correct), label_key=str(label_key))
+                pseudo_label_correct=int(pseudo_label_correct), label_key=str(label_key), audited=bool(audited),
+                audit_correct=int(audit_correct))
 
 
 def write_outcome_part(rows: list[dict], path: Path) -> None:

@@ -124,10 +124,13 @@ def build_active_plan(cfg: Config, *, init_dir: str, coordinator_name: str, acco
                                       dtype=cfg.model.dtype, pack_tokens=p.score_pack_tokens),
             batch_size=p.score_batch_size, num_cpus=p.score_num_cpus, num_gpus=p.score_num_gpus,
             actors=(1, p.score_actors), remote_args=restart))
+        from actprm_ray.pipeline.coordinator import CoordinatorController
+
+        controller = CoordinatorController(coordinator) if sel.target_rate is not None and coordinator else None
         stages.append(StageSpec(
             "select", select_batch, fn_kwargs=dict(mode=sel.mode, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
                                                    step_threshold=sel.step_threshold, random_rate=sel.random_rate,
-                                                   seed=sel.seed),
+                                                   seed=sel.seed, audit_rate=sel.audit_rate, controller=controller),
             batch_size=p.score_batch_size, num_cpus=p.map_num_cpus, remote_args=retry))
         stages.append(StageSpec(
             "label", LabelStage, dict(labeler_cls=labeler_class(cfg.labeler.kind), labeler_config=cfg.labeler.judge,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from actprm_ray.data.step_format import (CanonicalRow, StepFormatError, canonicalize, encode_trajectory,
                                          parse_first_error_step)
-from actprm_ray.select import is_uncertain, select_rows
+from actprm_ray.select import audit_candidates, is_uncertain, pseudo_labels, select_rows, uncertainty_score
 
 NO_ORACLE = -2
 
@@ -161,24 +161,43 @@ class ScoreStage:
 
 
 class SelectStage:
-    """The selection rule of METHOD §4 per row (mode active | all | random | none). Invalid rows are never selected."""
+    """The selection rule of METHOD §4 per row (mode active | all | random | none). Invalid rows are never selected.
+
+    In mode active two additions, both off by default: `audit_rate` labels that share of trusted rows anyway
+    (column `audit`), for an unbiased estimate of pseudo-label accuracy with the real judge; a `controller`
+    (select.RateController, or CoordinatorController for the streaming loop's shared one) replaces the fixed
+    thresholds by a scale it moves to hold a target label rate."""
 
     required = ("id", "valid", "step_mean", "step_std")
 
     def __init__(self, *, mode: str, delta_pred: float, delta_std: float, step_threshold: float, random_rate: float,
-                 seed: int):
-        self.mode, self.random_rate, self.seed = mode, random_rate, seed
+                 seed: int, audit_rate: float = 0.0, controller=None):
+        self.mode, self.random_rate, self.seed, self.audit_rate = mode, random_rate, seed, audit_rate
+        self.controller = controller if mode == "active" else None
         self.thresholds = dict(delta_pred=delta_pred, delta_std=delta_std, step_threshold=step_threshold)
 
     def __call__(self, batch: dict) -> dict:
         _check_columns(batch, self.required, "SelectStage")
         n = len(batch["id"])
+        ids = [str(x) for x in batch["id"]]
         valid = np.asarray(batch["valid"], dtype=bool)
-        uncertain = np.array([bool(valid[i]) and is_uncertain(list(batch["step_mean"][i]), list(batch["step_std"][i]),
-                                                              **self.thresholds) for i in range(n)], dtype=bool)
-        selected = select_rows(self.mode, uncertain, [str(x) for x in batch["id"]], random_rate=self.random_rate,
-                               seed=self.seed) & valid
-        return {**batch, "uncertain": uncertain, "selected": selected}
+        rows = np.flatnonzero(valid)
+        means = [list(batch["step_mean"][i]) for i in rows]
+        stds = [list(batch["step_std"][i]) for i in rows]
+        candidates = audit_candidates([ids[i] for i in rows], self.audit_rate if self.mode == "active" else 0.0,
+                                      self.seed)
+        uncertain, audit = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        if self.controller is not None:
+            scores = [uncertainty_score(m, s, **self.thresholds) for m, s in zip(means, stds)]
+            chosen, audited = self.controller.decide(scores, candidates)
+            uncertain[rows] = np.asarray(chosen, dtype=bool) & ~np.asarray(audited, dtype=bool)
+            audit[rows] = audited
+        else:
+            uncertain[rows] = [is_uncertain(m, s, **self.thresholds) for m, s in zip(means, stds)]
+            audit[rows] = ~uncertain[rows] & candidates
+        selected = (select_rows(self.mode, uncertain, ids, random_rate=self.random_rate, seed=self.seed)
+                    | audit) & valid
+        return {**batch, "uncertain": uncertain, "selected": selected, "audit": audit}
 
 
 class LabelStage:
@@ -199,4 +218,15 @@ class LabelStage:
             ok = int(sum(1 for s in out["label_status"] if s == "ok"))
             self.coordinator.add.remote({"selected": int(np.sum(batch["selected"])), "labelled": ok,
                                          "label_busy_s": time.perf_counter() - start})
+            audits = audit_results(out)
+            if audits:
+                self.coordinator.record_audits.remote(audits)
         return out
+
+
+def audit_results(batch: dict) -> list[bool]:
+    """Per audited row with a judge label: did the ensemble's pseudo-label match it exactly? (the audit's sample)"""
+    if "audit" not in batch:
+        return []
+    return [pseudo_labels(list(batch["step_mean"][i])) == [int(y) for y in batch["hard_labels"][i]]
+            for i in range(len(batch["id"])) if bool(batch["audit"][i]) and batch["label_status"][i] == "ok"]

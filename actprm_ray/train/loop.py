@@ -84,6 +84,8 @@ class Worker:
 
     # -- outcomes ----------------------------------------------------------------------------------------------
     def record(self, row: dict, outcome: str, reason: str = "", **extra) -> None:
+        if bool(row.get("audit", False)) and outcome != oc.INVALID_INPUT:
+            extra.update(audit_fields(row, outcome))
         self.pending.append(oc.outcome_row(
             row["id"], outcome, reason, model_version=row.get("model_version", -1), train_version=self.state["version"],
             label_source=str(row.get("label_source", "")), label_cache_hit=bool(row.get("label_cache_hit", False)),
@@ -103,9 +105,7 @@ class Worker:
             return True  # selection happens in the forward pass (Algorithm 1)
         status = row["label_status"]
         if status == "skipped":
-            k, mean = int(row.get("oracle_first_error_step", -2)), list(row["step_mean"])
-            correct = -1 if k == -2 else int(pseudo_labels(mean) == inline_labels(k, len(mean)))
-            self.record(row, oc.CONFIDENT, "trusted by the ensemble", pseudo_label_correct=correct)
+            self.record(row, oc.CONFIDENT, "trusted by the ensemble", pseudo_label_correct=oracle_agrees(row))
             return False
         if status in ("over_budget", "transient"):
             # Not a final outcome: a rerun (a larger budget, the judge back up) must label it, so it is not
@@ -141,6 +141,20 @@ class Worker:
                 self.state["rows_trained"] += 1
             else:
                 self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)")
+
+
+def oracle_agrees(row: dict) -> int:
+    """A scored row's pseudo-label against the pool's own label: 1/0, or -1 when the pool has none."""
+    k, mean = int(row.get("oracle_first_error_step", -2)), list(row["step_mean"])
+    return -1 if k == -2 else int(pseudo_labels(mean) == inline_labels(k, len(mean)))
+
+
+def audit_fields(row: dict, outcome: str) -> dict:
+    """An audited row was trusted, then labelled anyway: its pseudo-label against the judge (the audit) and the
+    pool's label (to check the audit), so audited and oracle pseudo-label accuracy sit side by side."""
+    judged = outcome == oc.TRAINED
+    agree = int(pseudo_labels(list(row["step_mean"])) == [int(y) for y in row["hard_labels"]]) if judged else -1
+    return {"audited": True, "audit_correct": agree, "pseudo_label_correct": oracle_agrees(row)}
 
 
 # Label statuses of rows the budget granted: the stop rule waits for every one of them to reach the trainer.
