@@ -1,8 +1,10 @@
 """Run by tests/test_faults.py in its own process: the active loop on a three-raylet `ray.cluster_utils.Cluster`.
 
 The labeler actors need a (logical) GPU, and only one node has one, so they all run there. Once the run has
-labelled a few batches, that node is removed (its raylet and every process on it die, as on a lost machine),
-and a new node with a GPU is added. Usage: python tests/node_loss_job.py OUT_JSON OVERRIDE [OVERRIDE ...]
+labelled a few batches, that node is removed (its raylet and every process on it are SIGKILLed, as on a lost
+machine), and a new node with a GPU is added. The loop runs in a thread: `Cluster.add_node` installs a SIGTERM
+handler, which Python allows only on the main thread (done from a helper thread it raised, no node came back,
+and the run stalled waiting for a GPU). Usage: python tests/node_loss_job.py OUT_JSON OVERRIDE [OVERRIDE ...]
 """
 
 from __future__ import annotations
@@ -14,6 +16,19 @@ import threading
 import time
 
 from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+
+LABELLED_BEFORE_REMOVAL = 16
+
+
+def actors_by_node() -> dict[str, list[str]]:
+    """Live actors per node id (GCS actor table): what the removal takes down with the labeler."""
+    from ray._private.state import actors
+
+    out: dict[str, list[str]] = {}
+    for a in actors().values():
+        if a["State"] == "ALIVE":
+            out.setdefault(a["Address"]["NodeID"], []).append(a["ActorClassName"])
+    return out
 
 
 def main(out_json: str, overrides: list[str]) -> None:
@@ -32,32 +47,43 @@ def main(out_json: str, overrides: list[str]) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env={"env_vars": dict(RAY_ENV_DEFAULTS)})
     cfg = load_config(None, overrides)
-    events: dict = {}
+    events: dict = {"started_at": time.time()}
+    result: dict = {}
 
-    def remove_labeler_node() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            try:
-                s = ray.get(get_coordinator(cfg.run.name).snapshot.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 -- not created yet, or restarting
-                time.sleep(0.5)
-                continue
-            if s.get("labelled", 0) >= 16:
-                events["labelled_at_removal"] = s.get("labelled", 0)
-                cluster.remove_node(labeler_node, allow_graceful=False)
-                events["removed_at"] = time.time()
-                time.sleep(2)
-                cluster.add_node(num_cpus=1, num_gpus=1)
-                events["added_at"] = time.time()
-                return
-            time.sleep(0.2)
+    def loop() -> None:
+        try:
+            result["summary"] = run_active(cfg)
+        except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+            result["error"] = e
 
-    killer = threading.Thread(target=remove_labeler_node, daemon=True)
-    killer.start()
-    summary = run_active(cfg)
-    killer.join(timeout=1)
+    runner = threading.Thread(target=loop, daemon=True)
+    runner.start()
+    deadline = time.time() + 600
+    while runner.is_alive() and time.time() < deadline:
+        try:
+            s = ray.get(get_coordinator(cfg.run.name).snapshot.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 -- not created yet, or restarting
+            time.sleep(0.5)
+            continue
+        if s.get("labelled", 0) >= LABELLED_BEFORE_REMOVAL:
+            events["labelled_at_removal"] = s.get("labelled", 0)
+            events["removed_node"] = labeler_node.node_id
+            events["actors_on_removed_node"] = sorted(actors_by_node().get(labeler_node.node_id, []))
+            cluster.remove_node(labeler_node, allow_graceful=False)
+            events["removed_at"] = time.time()
+            time.sleep(2)
+            new = cluster.add_node(num_cpus=1, num_gpus=1)
+            events["added_at"] = time.time()
+            events["added_node"] = new.node_id
+            break
+        time.sleep(0.2)
+    runner.join()
+    events["finished_at"] = time.time()
+    if "error" in result:
+        raise result["error"]
+    events["actors_on_added_node"] = sorted(actors_by_node().get(events.get("added_node"), []))
     with open(out_json, "w") as f:
-        json.dump({"summary": summary, "events": events}, f, default=str)
+        json.dump({"summary": result["summary"], "events": events}, f, default=str)
     ray.shutdown()
     cluster.shutdown()
 
