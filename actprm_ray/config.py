@@ -173,6 +173,14 @@ class BudgetConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The hardware a profile is sized for; only `jobs/active_train.py --dry_run` reads it (nothing is reserved)."""
+
+    gpu_memory_gb: float = 80.0  # memory of one GPU in GiB, nvidia-smi's memory.total / 1024 (H100/A100 80GB: 79.6, H200: 140, A100 40GB: 39.4, L40S: 44.4); the dry run checks each GPU role's estimate against it
+    num_gpus: Optional[int] = None  # GPUs in the whole cluster, checked by the dry run against trainer + scorer + judge GPUs (None = not checked)
+
+
+@dataclass
 class RunConfig:
     name: str = "default"  # one plain directory name (letters, digits, . _ -); a second run with the same name resumes
     output_dir: str = "runs"  # parent of the run directory
@@ -193,6 +201,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 class ConfigError(ValueError):
@@ -313,6 +322,10 @@ def validate(cfg: Config) -> Config:
         v = getattr(cfg.budget, name)
         if v is not None and v < 0:
             errors.append(f"budget.{name}={v}: must be >= 0")
+    if cfg.cluster.gpu_memory_gb <= 0:
+        errors.append(f"cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb}: must be > 0")
+    if cfg.cluster.num_gpus is not None and cfg.cluster.num_gpus < 0:
+        errors.append(f"cluster.num_gpus={cfg.cluster.num_gpus}: must be >= 0, or null (not checked)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg

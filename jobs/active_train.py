@@ -1,8 +1,12 @@
 """Online active learning: stream the pool, score it with the PRM being trained, label only the uncertain
 rows, train on them. With no arguments: the embedded default (local Ray, tiny model, synthetic pool, oracle).
 
-    python jobs/active_train.py [--config conf/X.yaml] [a.b=c ...]
+    python jobs/active_train.py [--config conf/X.yaml] [--dry_run] [a.b=c ...]
     ray job submit --working-dir . -- python jobs/active_train.py --config conf/default.yaml
+
+--dry_run prints the plan, the trainer's ScalingConfig and per-GPU memory estimates for the trainer, the scorer
+and the vLLM judge, without starting Ray or loading weights, and exits 1 when the profile does not fit the
+hardware it names (cluster.gpu_memory_gb, cluster.num_gpus).
 """
 
 import json
@@ -16,7 +20,14 @@ from actprm_ray.pipeline.active import run_active  # noqa: E402
 
 
 def main() -> None:
-    summary = run_active(parse_args())
+    argv = sys.argv[1:]
+    if "--dry_run" in argv:
+        from actprm_ray.pipeline.dry_run import dry_run
+
+        argv.remove("--dry_run")
+        config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+        raise SystemExit(dry_run(parse_args(argv), config_path))
+    summary = run_active(parse_args(argv))
     keys = ("rows_read", "outcomes", "labels_used", "trust_pct", "pseudo_label_accuracy", "model_versions_published",
             "lag_histogram", "wall_time_s", "checkpoint")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))

@@ -45,16 +45,22 @@ class MetricsLog(UserCallback):
             f.write(json.dumps(record) + "\n")
 
 
-def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str,
-                  callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+def scaling_config(cfg: Config) -> ScalingConfig:
+    """The trainer's workers and what each one holds; `jobs/active_train.py --dry_run` prints it."""
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str,
+                  callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+    t = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_dir": str(run_dir), "coordinator_name": coordinator_name},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str((run_dir / "ray_train").resolve()),
