@@ -114,7 +114,7 @@ class PipelineConfig:
     no_progress_timeout_s: float = 60.0  # turn a resource deadlock into an error instead of a silent hang
     status_every_s: float = 10.0  # period of the one-line status print
     max_restarts: int = 2  # restarts of a dead scorer/labeler actor process (-1 = unbounded, Ray Data's own default)
-    max_task_retries: int = 2  # re-runs of a batch whose actor died mid-call, on the restarted actor (-1 = unbounded)
+    max_task_retries: int = -1  # re-runs of a batch whose actor died or is unreachable, on the restarted actor (-1 = unbounded, Ray Data's default; every failed attempt counts, so a finite value can run out during one node loss while the actor is unreachable; max_restarts still bounds a batch that kills its actor)
     map_max_retries: int = 3  # re-runs of a read/map/write task whose worker died (-1 = unbounded, Ray Data's default)
 
 

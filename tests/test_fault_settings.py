@@ -13,7 +13,7 @@ from actprm_ray.pipeline.plan import build_active_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
-    "pipeline.max_restarts": 2, "pipeline.max_task_retries": 2, "pipeline.map_max_retries": 3,
+    "pipeline.max_restarts": 2, "pipeline.max_task_retries": -1, "pipeline.map_max_retries": 3,
     "pipeline.no_progress_timeout_s": 60.0, "train.max_failures": 0, "train.checkpoint_every": 50,
     "train.checkpoints_to_keep": 2, "labeler.judge.max_attempts": 1, "labeler.judge.http.max_retries": 5,
 }

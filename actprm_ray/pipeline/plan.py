@@ -94,7 +94,8 @@ def labeler_class(kind: str):
 
 
 def actor_fault_args(cfg: Config) -> dict:
-    """Actor stages: restart a dead actor and re-run its in-flight batch, both bounded (Ray Data: unbounded)."""
+    """Actor stages: restart a dead actor (bounded) and re-run its in-flight batch there (default unbounded, as Ray
+    Data: every attempt that finds the actor unreachable counts, and a node loss makes several within a second)."""
     return dict(max_restarts=cfg.pipeline.max_restarts, max_task_retries=cfg.pipeline.max_task_retries)
 
 
