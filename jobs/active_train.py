@@ -21,6 +21,8 @@ from actprm_ray.pipeline.active import run_active  # noqa: E402
 
 def main() -> None:
     argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)  # then parse_args prints the config usage and exits
     if "--dry_run" in argv:
         from actprm_ray.pipeline.dry_run import dry_run
 

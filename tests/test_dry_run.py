@@ -7,6 +7,7 @@ parameters, gradients and AdamW state after one optimizer step, and the bytes au
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -65,7 +66,9 @@ def test_tiny_gpus_and_too_few_gpus_are_named(tmp_path):
     from actprm_ray.pipeline.dry_run import dry_run
 
     cfg = load_config(CLUSTER_7B, [f"run.output_dir={tmp_path}", "cluster.gpu_memory_gb=24", "cluster.num_gpus=12"])
-    assert dry_run(cfg, str(CLUSTER_7B), out=open(os.devnull, "w")) == 1
+    printed = io.StringIO()
+    assert dry_run(cfg, str(CLUSTER_7B), out=printed) == 1
+    assert printed.getvalue().count("DOES NOT FIT") == 2
     report = json.loads((tmp_path / "actprm_7b" / "dry_run.json").read_text())
     fits = {e["role"]: e["fits"] for e in report["estimates"]}
     assert fits == {"trainer": False, "scorer": False, "judge": True}
