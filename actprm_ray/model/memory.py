@@ -17,18 +17,20 @@ The formulas follow what this code base really runs (train/loop.py, train/step.p
   checks the count):  2·((4+2e)·h + 4) [two RMSNorms: fp32 input copy, normalised and weighted 16-bit outputs,
   rsqrt]  + 4·e·h + 4·a [q, k, v repeated to all heads, output, fp32 log-sum-exp]  + e·T [the padded-batch
   attention mask]  + 4·e·I [gate, up, SiLU(gate), the product]; eager attention adds a·T·(4+e) (fp32 softmax and
-  its 16-bit copy); flash_attention_2 has no mask and keeps K, V at their own (GQA) width. e = bytes per element, h hidden, I intermediate, a heads, T sequence length.
+  its 16-bit copy); flash_attention_2 has no mask and keeps K, V at their own (GQA) width (not measured: no
+  flash-attn on CPU). e = bytes per element, h hidden, I intermediate, a heads, T sequence length.
   Without gradient checkpointing: L layers of it plus one more as the backward working set; with it (one
   checkpoint per decoder layer): each layer keeps its input (e·h), and one layer is recomputed, plus its
   backward working set (2 layers' worth).
-* scorer: inference weights, at most one layer's activations alive under no_grad, and the weight swap:
+* scorer: inference weights, at most one layer's activations alive under no_grad (the training layer's saved
+  set plus the residual stream: an upper bound, not measured), and the weight swap:
   `load_file(..., device=cuda)` holds the published state (whole model, or heads only) beside the live weights.
 * vLLM judge: vLLM takes gpu_memory_utilization of each GPU; its weights are split over tensor_parallel_size
   GPUs and what is left after a fixed runtime allowance becomes KV cache, which must hold one max_model_len
   sequence or the engine refuses to start.
 
-All numbers are estimates: allocator fragmentation and the CUDA context are covered by HEADROOM below, not
-modelled.
+All numbers are estimates: the CUDA context, NCCL/cuBLAS workspaces and allocator fragmentation are not
+modelled but covered by RESERVE_GIB and FRAGMENTATION below.
 """
 
 from __future__ import annotations
