@@ -36,7 +36,7 @@ class ModelConfig:
     max_length: int = 2048  # right truncation for training and loop scoring (no truncation at evaluation)
     trust_remote_code: bool = False  # run code shipped with a checkpoint; off unless you trust its author
     gradient_checkpointing: bool = False  # trade compute for memory in the trainer
-    attn_implementation: str = "sdpa"  # "sdpa" | "eager" | "flash_attention_2"
+    attn_implementation: str = "sdpa"  # attention kernel of the trainer's backbone (flash_attention_2 needs a GPU, bf16/fp16 and the flash-attn package)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # rows per device per forward
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = workers x micro x accum)
     num_workers: int = 1  # Ray Train workers
-    parallel_strategy: str = "ddp"  # ddp | fsdp (Ray Train's prepare_model; fsdp shards params/grads/optimizer for 7B+)
+    parallel_strategy: str = "ddp"  # ddp (Ray Train's prepare_model) | fsdp (FSDP2 per decoder layer, heads replicated; shards params/grads/optimizer for 7B+; CPU or GPU)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -211,6 +211,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "model.init": ("normal", "truncated"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "selection.mode": ("active", "all", "random", "none"),
     "loss.bce": ("pooled", "per_trajectory"),
     "loss.regularizer": ("element_mean", "per_head_sum"),

@@ -189,13 +189,21 @@ class EnsemblePRM(nn.Module):
         else:
             self.load_head_state(state)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """state_dict: this model's complete state to write instead of its own parameters (e.g. gathered from
+        FSDP shards, where the module only holds this rank's shard)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out / "backbone")
+        if state_dict is None:
+            self.backbone.save_pretrained(out / "backbone")
+            heads = self.head_state()
+        else:
+            self.backbone.save_pretrained(out / "backbone", state_dict={
+                k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")})
+            heads = {k: state_dict[k] for k in self.head_state()}
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.head_state().items()}, out / "heads.safetensors")
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in heads.items()}, out / "heads.safetensors")
         meta = {"format_version": FORMAT_VERSION, "actprm": asdict(self.config),
                 "backbone_config": self.backbone.config.to_dict()}
         (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))

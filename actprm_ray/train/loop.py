@@ -22,6 +22,7 @@ from actprm_ray.config import Config
 from actprm_ray.model.ensemble_prm import EnsemblePRM
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.select import pseudo_labels
+from actprm_ray.train import sharding
 from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Worker:
         self.coordinator = ray.get_actor(coordinator_name, namespace="actprm")
         self.device = ray.train.torch.get_device()
         dtype = getattr(torch, cfg.model.dtype)
+        attn = cfg.model.attn_implementation
 
         self.state = {"step": 0, "version": 0, "rows_trained": 0, "empty_steps": 0, "flushes": 0}
         checkpoint = ray.train.get_checkpoint()
@@ -48,20 +50,25 @@ class Worker:
         optim_state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                model = EnsemblePRM.from_pretrained(Path(d) / "model", dtype=dtype)
+                model = EnsemblePRM.from_pretrained(Path(d) / "model", dtype=dtype, attn_implementation=attn)
                 self.state = json.loads((Path(d) / "trainer_state.json").read_text())
                 optim_path = Path(d) / f"optim_rank{self.rank}.pt"
                 if optim_path.exists():
                     optim_state = torch.load(optim_path, weights_only=True)  # tensors only, no pickle code
         else:
-            model = EnsemblePRM.from_pretrained(run_dir / "init", dtype=dtype)
-        if cfg.model.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable()
-        self.model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
+            model = EnsemblePRM.from_pretrained(run_dir / "init", dtype=dtype, attn_implementation=attn)
+        if cfg.model.gradient_checkpointing:  # non-reentrant: the variant FSDP2's re-gather in backward needs
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.parallel_strategy == "fsdp":
+            # Ray Train's prepare_model(parallel_strategy="fsdp") is FSDP1 and GPU-only; FSDP2 runs on gloo too.
+            self.model = sharding.shard(model, self.device)
+        else:
+            self.model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
         self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
         self.optimizer, self.scheduler = build_optimizer(self.model, self.core, cfg.train)
+        self.grad_norm = float("nan")
         if optim_state is not None:
-            self.optimizer.load_state_dict(optim_state["optimizer"])
+            sharding.load_local_optimizer_state(self.optimizer, optim_state["optimizer"])
             self.scheduler.load_state_dict(optim_state["scheduler"])
         # Outcomes flushed with a checkpoint that did not commit (a mid-run group restart from an earlier one):
         # those rows are not in these weights, so they are trained again. Rank 0 moves them; the rest wait.
@@ -190,29 +197,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def publish() -> None:
         w.state["version"] += 1
+        state = sharding.gather_state(w.model, w.core, t.publish)  # sharded: a collective, so on every rank
         if w.rank == 0:
             from safetensors.torch import save_file
 
             path = run_dir / "weights" / f"v{w.state['version']:06d}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(w.core.publishable_state(t.publish), str(path))
+            save_file(state, str(path))
             ray.get(w.coordinator.publish.remote(w.state["version"], str(path)))
             old = run_dir / "weights" / f"v{w.state['version'] - 3:06d}.safetensors"
             old.unlink(missing_ok=True)  # scorers poll often; keep a short tail for in-flight loads
 
     def metrics(final: bool = False) -> dict:
         return {"step": w.state["step"], "version": w.state["version"], "loss": w.last_loss,
-                "lr": w.scheduler.get_last_lr()[0], "rows_trained": w.state["rows_trained"],
+                "lr": w.scheduler.get_last_lr()[0], "grad_norm": w.grad_norm, "rows_trained": w.state["rows_trained"],
                 "train_rows_per_s": w.rows_here() / max(w.busy_s, 1e-9), "final": final}
 
     def checkpoint(final: bool = False) -> None:
         w.flush()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
+            state = sharding.gather_state(w.model, w.core, "full")  # sharded: a collective, so on every rank
             if w.rank == 0:
-                w.core.save_pretrained(Path(tmp) / "model")
+                w.core.save_pretrained(Path(tmp) / "model", state_dict=state)
                 (Path(tmp) / "trainer_state.json").write_text(json.dumps(w.state))
-            torch.save({"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()},
+            # Each rank's own optimizer state (its shard under FSDP), restored by the same rank on resume.
+            torch.save({"optimizer": sharding.local_optimizer_state(w.optimizer), "scheduler": w.scheduler.state_dict()},
                        Path(tmp) / f"optim_rank{w.rank}.pt")
             ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics(final), checkpoint=ckpt)
@@ -266,7 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if micro % t.grad_accum:
             w.busy_s += time.perf_counter() - started
             continue
-        optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
+        w.grad_norm = optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
         w.busy_s += time.perf_counter() - started
         w.state["step"] += 1
         if t.step_delay_s:

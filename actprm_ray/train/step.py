@@ -18,6 +18,7 @@ from actprm_ray.data.collate import collate_encoded
 from actprm_ray.loss import actprm_loss
 from actprm_ray.model.ensemble_prm import EnsemblePRM, mean_and_std
 from actprm_ray.select import is_uncertain
+from actprm_ray.train.sharding import clip_grad_norm, reduce_replicated_grads
 
 
 def lr_lambda(warmup: int, total: int):
@@ -100,8 +101,11 @@ def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg:
     return MicroStep(float(loss.detach()), selected.tolist(), bool(stats["empty_selection"]))
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> None:
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> float:
+    """Average the replicated heads' gradients (FSDP only), clip to the global norm, step; return that norm."""
+    reduce_replicated_grads(model)
+    norm = clip_grad_norm(model, grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm

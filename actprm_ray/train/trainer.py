@@ -55,7 +55,8 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 
 def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str,
-                  callbacks: list[UserCallback] | None = None) -> TorchTrainer:
+                  callbacks: list[UserCallback] | None = None, dataset_config: DataConfig | None = None) -> TorchTrainer:
+    """dataset_config: how the stream is split over workers (default UnequalSplit: no row dropped)."""
     t = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
@@ -71,5 +72,6 @@ def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str,
         datasets={"train": dataset},
         # Pass the driver's execution options explicitly: the split runs in the Train controller process, whose
         # own DataContext would otherwise replace our object-store budget (and so the backpressure bound).
-        dataset_config=UnequalSplit(execution_options=copy.deepcopy(DataContext.get_current().execution_options)),
+        dataset_config=dataset_config or UnequalSplit(
+            execution_options=copy.deepcopy(DataContext.get_current().execution_options)),
     )
