@@ -247,7 +247,8 @@ def trainer_estimate(a: Arch, *, dtype: str, n_heads: int, head_hidden: int, mic
     e = DTYPE_BYTES[dtype]
     ph = head_params(n_heads, a.hidden, head_hidden)
     backbone, heads = a.params_backbone * e, 4 * ph  # backbone in dtype, heads fp32
-    wrapped = strategy if world > 1 else "none"  # one worker: no DDP wrapper, nothing to shard over
+    # prepare_model leaves one DDP worker unwrapped; train/loop.py shards with FSDP2 at any world size.
+    wrapped = strategy if world > 1 or strategy == "fsdp" else "none"
     n = world if wrapped == "fsdp" else 1
     per = f" / {n} (FSDP shard)" if n > 1 else ""
     what = f"{a.params_backbone:,} backbone params x {e} B{per} + {ph:,} head params x 4 B"
