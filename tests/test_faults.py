@@ -229,7 +229,7 @@ def test_coordinator_killed_mid_run_rebuilds_from_the_ledger(ray_local, tmp_path
         assert sum(r["outcome"] in ("trained", "label_failed") for r in rows) == cap
 
 
-@pytest.mark.extended  # a three-raylet cluster on this machine: ~3.5 min on 2 loaded cores
+@pytest.mark.extended  # a three-raylet cluster on this machine: 3-4 min on 2 loaded cores
 def test_losing_the_labeler_node_mid_run(tmp_path):
     """Node loss: the node that runs the labeler actor is removed mid-run (its raylet and processes SIGKILLed) and a
     new one added (tests/node_loss_job.py). The labeler's batch waits for the actor Ray restarts on the new node
