@@ -239,22 +239,33 @@ def test_forward_reads_one_score_per_label(smollm2_prm, processbench):
     assert torch.isfinite(logits).all() and ((mu > 0) & (mu < 1)).all() and (sigma > 0).all()
 
 
-def test_save_load_round_trip_gives_the_same_scores(smollm2_prm, processbench, tmp_path):
+def test_config_name_builds_a_checkpoint_that_round_trips(smollm2, smollm2_prm, processbench, monkeypatch, tmp_path):
+    """model.backbone=smollm2-135m goes through the run's resolver (prepare_initial_model: from_backbone, then
+    save_pretrained); from_pretrained on that checkpoint gives the same scores as the model built in memory
+    with the same head seed."""
+    from actprm_ray.config import load_config
+    from actprm_ray.pipeline.active import prepare_initial_model
+
+    root, out, _ = smollm2
+    monkeypatch.setenv(MODELS_DIR_ENV, str(root))  # the fixture's converted dir, not the user's cache
+    cfg = load_config(overrides=[f"model.backbone={NAME}", "model.n_heads=4", "model.init_seed=0"])
+    ckpt = prepare_initial_model(cfg, tmp_path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["backbone_config"]["model_type"] == "llama" and meta["backbone_config"]["vocab_size"] == 49168
+    assert json.loads((out / DONE_FILE).read_text())["name"] == NAME  # the fixture's import was reused
+
     tok = smollm2_prm.tokenizer
     rows = processbench.samples[:2]
     encoded = [encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
                                  max_length=192) for r in rows]
     batch = collate_encoded([{"input_ids": e.input_ids, "readout_positions": e.readout_positions} for e in encoded],
                             tok.pad_token_id)
-    with torch.no_grad():
-        before = smollm2_prm.score(batch)
-    ckpt = smollm2_prm.save_pretrained(tmp_path / "ckpt")
     loaded = EnsemblePRM.from_pretrained(ckpt).eval()
     assert loaded.tokenizer.convert_tokens_to_ids(SEP) == tok.convert_tokens_to_ids(SEP)
     assert [e.input_ids for e in encoded] == [
         encode_trajectory(loaded.tokenizer, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
                           max_length=192).input_ids for r in rows]
     with torch.no_grad():
-        after = loaded.score(batch)
+        before, after = smollm2_prm.score(batch), loaded.score(batch)
     # Same fp32 weights, same kernels, same inputs: the scores are the same numbers.
     torch.testing.assert_close(after, before, rtol=0, atol=0)
