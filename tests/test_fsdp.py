@@ -12,22 +12,22 @@ import time
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 import torch
 from ray.train import DataConfig
 
 from actprm_ray.config import load_config
 
+# Three TorchTrainer runs (DDP 24 steps, FSDP 12, FSDP resumed to 24): 7 min measured on 2 cores shared with three
+# other jobs (load ~12), mostly Ray Train start-up and per-step reports; STACK_NOTES §9 puts a fit at ~13 s unloaded.
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
-ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FixedSplit runs in the Train controller
 
 MICRO, WORLD, STEPS = 4, 2, 24  # 24 optimizer steps of 2 x 4 rows; the FSDP run stops at 12 and resumes
 
 
 class FixedSplit(DataConfig):
-    """Rank r trains rows r, r + W, r + 2W, ... of the id-sorted set: the same rows per rank in every run.
-
-    Shipped to the Train controller by value: the controller's process cannot import a test module."""
+    """Rank r trains rows r, r + W, r + 2W, ... of the id-sorted set: the same rows per rank in every run."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         import ray.data
@@ -39,7 +39,8 @@ class FixedSplit(DataConfig):
 
 def _rows(init_dir: Path, n: int) -> list[dict]:
     """n labelled synthetic rows as the trainer receives them (label_status ok), ids sorting in pool order."""
-    from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, encode_trajectory, labels_from_first_error
+    from actprm_ray.data.step_format import (DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, encode_trajectory,
+                                             labels_from_first_error)
     from actprm_ray.data.synthetic import generate_pool
     from actprm_ray.model.ensemble_prm import EnsemblePRM
 
@@ -75,7 +76,8 @@ def _fit(root: Path, name: str, init_dir: Path, rows: list[dict], *overrides: st
     cname = coordinator_name(name)
     coordinator = RunCoordinator.options(name=cname, namespace="actprm").remote(str(run_dir))
     try:
-        build_trainer(cfg, run_dir, ray.data.from_items(rows, override_num_blocks=2), cname, dataset_config=FixedSplit()).fit()
+        dataset = ray.data.from_items(rows, override_num_blocks=2)
+        build_trainer(cfg, run_dir, dataset, cname, dataset_config=FixedSplit()).fit()
     finally:
         ray.kill(coordinator)
     return [m for m in map(json.loads, open(run_dir / "metrics.jsonl")) if not m["final"]]

@@ -222,8 +222,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 w.core.save_pretrained(Path(tmp) / "model", state_dict=state)
                 (Path(tmp) / "trainer_state.json").write_text(json.dumps(w.state))
             # Each rank's own optimizer state (its shard under FSDP), restored by the same rank on resume.
-            torch.save({"optimizer": sharding.local_optimizer_state(w.optimizer), "scheduler": w.scheduler.state_dict()},
-                       Path(tmp) / f"optim_rank{w.rank}.pt")
+            torch.save({"optimizer": sharding.local_optimizer_state(w.optimizer),
+                        "scheduler": w.scheduler.state_dict()}, Path(tmp) / f"optim_rank{w.rank}.pt")
             ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics(final), checkpoint=ckpt)
 

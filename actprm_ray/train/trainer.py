@@ -55,7 +55,8 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 
 def build_trainer(cfg: Config, run_dir: Path, dataset, coordinator_name: str,
-                  callbacks: list[UserCallback] | None = None, dataset_config: DataConfig | None = None) -> TorchTrainer:
+                  callbacks: list[UserCallback] | None = None,
+                  dataset_config: DataConfig | None = None) -> TorchTrainer:
     """dataset_config: how the stream is split over workers (default UnequalSplit: no row dropped)."""
     t = cfg.train
     return TorchTrainer(
