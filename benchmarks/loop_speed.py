@@ -96,7 +96,8 @@ def streaming(rows: int, backbone: str, overrides: list[str], work: Path) -> dic
     return {"rows": rows, "wall_s": time.time() - started, "startup_s": watcher.first_scored - started,
             "steady_s": steady, "rows_per_s": rows / steady, "labels": summary["labels_used"],
             "optimizer_steps": summary["trainer"]["optimizer_steps"], "stage_busy_s": summary["stage_busy_s"],
-            "trainer_busy_s": summary["trainer"]["busy_s"], "stage_rows_per_s": summary["stage_rows_per_s"]}
+            "trainer_busy_s": summary["trainer"]["busy_s"], "trainer_phase_s": summary["trainer"]["phase_s"],
+            "stage_rows_per_s": summary["stage_rows_per_s"], "lag_histogram": summary["lag_histogram"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{ray_run['optimizer_steps']:6d}   (+{ray_run['startup_s']:.0f} s start-up; busy s: "
           f"score {ray_run['stage_busy_s']['score']:.1f}, label {ray_run['stage_busy_s']['label']:.1f}, "
           f"train {ray_run['trainer_busy_s']:.1f})")
+    print("trainer wall s besides its own steps: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                             ray_run["trainer_phase_s"].items()))
     print(f"ratio streaming / in-process: {result['ratio_rows_per_s']:.2f}")
     if not args.dry_run or args.out != ap.get_default("out"):  # a dry run writes only where it is told
         out = Path(args.out)

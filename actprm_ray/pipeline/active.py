@@ -178,11 +178,14 @@ def summarize(cfg, run_dir, table, counts, snapshot, result, wall_s, labels_befo
     lags: Counter = Counter()
     trainer = {"redelivered": 0, "over_budget": 0, "transient": 0, "empty_steps": 0, "busy_s": 0.0,
                "rows_trained_here": 0}
+    phases: Counter = Counter()
     for f in sorted((run_dir / "trainer").glob("rank*.json")):
         stats = json.loads(f.read_text())
         lags.update({int(k): v for k, v in stats["lags"].items()})
         for k in trainer:
             trainer[k] += stats.get(k, 0)
+        phases.update(stats.get("phase_s", {}))
+    trainer["phase_s"] = dict(phases)  # summed over ranks: waiting on the stream, publishing, reports, checkpoints
     confident = [r for r in rows if r["outcome"] == oc.CONFIDENT]
     judged = [r for r in confident if r["pseudo_label_correct"] >= 0]
     scored = counts[oc.CONFIDENT] + counts[oc.TRAINED] + counts[oc.LABEL_FAILED]

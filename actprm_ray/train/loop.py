@@ -8,6 +8,7 @@ which rows are already accounted for and skips their re-delivery.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -84,7 +85,17 @@ class Worker:
         self.transient = 0
         self.last_loss = float("nan")
         self.busy_s = 0.0  # wall time in forward/backward/optimizer: the trainer's own throughput, without waits
+        # Where the rest of the wall time goes (B5): waiting on the stream, publishing weights, reports, checkpoints.
+        self.phase_s: Counter = Counter({"wait": 0.0, "publish": 0.0, "report": 0.0, "checkpoint": 0.0})
         self.rows_at_start = self.state["rows_trained"]  # busy_s restarts with the process; so does its row count
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_s[phase] += time.perf_counter() - started
 
     def rows_here(self) -> int:
         return self.state["rows_trained"] - self.rows_at_start
@@ -242,7 +253,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Fill the buffer with trainable rows; record every other row's outcome on the way.
         while len(buffer) < t.micro_batch_size and not stream_done and not budget_done:
             try:
-                batch = next(stream)
+                with w.timed("wait"):
+                    batch = next(stream)
             except StopIteration:
                 stream_done = True
                 break
@@ -282,19 +294,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if t.step_delay_s:
             time.sleep(t.step_delay_s)
         if w.state["step"] % t.publish_every == 0:
-            publish()
+            with w.timed("publish"):
+                publish()
         if w.state["step"] % t.checkpoint_every == 0:
-            checkpoint()
+            with w.timed("checkpoint"):
+                checkpoint()
         elif t.report_every and w.state["step"] % t.report_every == 0:
             # Metrics-only report: every rank reaches it at the same step (lockstep above), as report() requires.
-            ray.train.report(metrics())
+            with w.timed("report"):
+                ray.train.report(metrics())
         if w.rank == 0:
             w.coordinator.add.remote({"trained_steps": 1})
 
     # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
     stats = {"lags": {str(k): v for k, v in sorted(w.lags.items())}, "redelivered": w.redelivered,
              "over_budget": w.over_budget, "transient": w.transient,
-             "busy_s": w.busy_s, "rows_trained_here": w.rows_here(),
+             "busy_s": w.busy_s, "phase_s": dict(w.phase_s), "rows_trained_here": w.rows_here(),
              "empty_steps": w.state["empty_steps"]}
     (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
     (run_dir / "trainer" / f"rank{w.rank}.json").write_text(json.dumps(stats))
