@@ -92,7 +92,10 @@ class TrainConfig:
     publish: str = "full"  # full (backbone + heads) | heads (heads only; for large frozen-ish backbones, see README)
     checkpoint_every: int = 50  # optimizer steps between Ray Train checkpoints
     checkpoints_to_keep: int = 2  # newest Ray Train checkpoints kept on storage (resume and max_failures use the last)
-    report_every: int = 5  # optimizer steps between metrics-only ray.train.report calls (0 = only with checkpoints)
+    # Optimizer steps between metrics-only ray.train.report calls (0 = only with checkpoints). Each report carries
+    # every step's metrics since the last, so metrics.jsonl has a line per step whatever this is; fewer reports
+    # spare the trainer the wait for the Train controller's poll (up to 2 s each).
+    report_every: int = 50
     max_failures: int = 0  # Ray Train FailureConfig: worker-group restarts from the last checkpoint
     step_delay_s: float = 0.0  # test hook: sleep after each optimizer step to emulate a slow trainer
 

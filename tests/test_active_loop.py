@@ -36,7 +36,7 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
     from actprm_ray.pipeline.coordinator import coordinator_name
 
     n = 400
-    cfg = _cfg(tmp_path, "e2e", f"data.synthetic_rows={n}", "train.step_delay_s=0.05", "train.report_every=1",
+    cfg = _cfg(tmp_path, "e2e", f"data.synthetic_rows={n}", "train.step_delay_s=0.05",
                "pipeline.object_store_limit_mb=1", "pipeline.block_size_kb=16")
     leads, done = [], threading.Event()
 
@@ -63,7 +63,7 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
     model = EnsemblePRM.from_pretrained(summary["checkpoint"])  # the final checkpoint loads with one call
     assert model.config.n_heads == 4
     assert (tmp_path / "e2e" / "config.yaml").is_file()
-    # Every optimizer step is reported to Ray Train (report_every=1) and reaches the controller-side callback.
+    # Every optimizer step reaches the controller-side callback (reports carry the steps since the last one).
     reports = [json.loads(line) for line in open(summary["metrics_log"])]
     steps = [r["step"] for r in reports]
     assert steps == list(range(1, summary["trainer"]["optimizer_steps"] + 1)) + [steps[-1]]  # + the final report

@@ -69,7 +69,7 @@ def _fit(root: Path, name: str, init_dir: Path, rows: list[dict], *overrides: st
         f"run.output_dir={root}", f"run.name={name}", "model.n_heads=4", "model.max_length=512",
         f"train.num_workers={WORLD}", "train.cpus_per_worker=0.5", f"train.micro_batch_size={MICRO}",
         "train.lr=2e-3", "train.warmup_steps=2", f"train.total_steps={STEPS}", "train.grad_clip=0.1",
-        "loss.regularizer=per_head_sum", "loss.reg_lambda=5", "train.report_every=1", "train.publish_every=6",
+        "loss.regularizer=per_head_sum", "loss.reg_lambda=5", "train.publish_every=6",
         "train.checkpoint_every=12", *overrides])
     run_dir = root / name
     prepare_init(cfg, run_dir, str(init_dir))  # a copy of the one shared init: both strategies start equal

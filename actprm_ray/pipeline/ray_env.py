@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 # Measured on these machines (STACK_NOTES §4): without these, Ray binds a non-loopback address, writes an auth
 # token that later breaks `ray job submit`, and phones home. Every Ray process needs them, so set them before
@@ -31,6 +33,9 @@ def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0
         # driver to 127.0.0.1, unreachable from the other nodes.
         if not (attach and k == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
             os.environ.setdefault(k, v)
+    quiet = not sys.stdout.isatty()
+    if quiet:  # a log file (job logs, CI): progress bars redraw into thousands of lines; our status line stays
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also switches off transformers' bars
     import ray
     import ray.data
 
@@ -39,12 +44,18 @@ def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0
             # A submitted job already carries its runtime env (working_dir); passing another would replace it.
             ray.init()
         else:
-            runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
+            env = {k: os.environ[k] for k in (*RAY_ENV_DEFAULTS, "HF_HUB_DISABLE_PROGRESS_BARS") if k in os.environ}
+            runtime_env = {"env_vars": env, "worker_process_setup_hook": "actprm_ray.pipeline.ray_env.quiet_workers"}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
+    if quiet:
+        ctx.enable_progress_bars = False
     # Ray 2.60's V2 file reader adds a ListFiles task that always asks for 1 whole CPU; next to a 1-CPU trainer
     # and the stage actors that deadlocks a 2-core node. The V1 reader honours our fractional num_cpus.
     ctx.use_datasource_v2 = False
+    # A column Arrow cannot hold is an error, not a silent per-block pickle (slow, and a warning per stage):
+    # the stages hand every column over in an Arrow-native form (stages.arrow_lists).
+    ctx.enable_fallback_to_arrow_object_ext_type = False
     # A resource deadlock becomes an ExecutionTimeoutError after this long instead of a 30-minute silent hang.
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s
     if block_size_kb:
@@ -55,3 +66,11 @@ def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0
         # The budget that bounds rows in flight between Score and Train (and so staleness); Train inherits it.
         opts = ctx.execution_options
         opts.resource_limits = opts.resource_limits.copy(object_store_memory=object_store_limit_mb * 2**20)
+
+
+def quiet_workers() -> None:
+    """Worker set-up hook of the local instance. It runs without the dashboard (its processes would compete for
+    2 cores), so the state API is absent, and Ray Train's detached PlacementGroupCleaner, which polls it to
+    notice a dead Train controller, warns every few seconds for the whole run. Its job (removing a dead
+    controller's placement group) is done here by the driver's `ray.shutdown()`, which ends the instance."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -35,6 +35,18 @@ def _typed(values, dtype) -> np.ndarray:
     return _obj([np.asarray(v, dtype=dtype) for v in values])
 
 
+def arrow_lists(batch: dict) -> dict:
+    """Hand list-of-string columns (steps) back as Python lists. Ray Data gives a numpy batch's list<string>
+    column as an object array of object arrays, which it cannot convert back to Arrow on the way out: it falls
+    back to pickling the column, per block, at every stage after the first (and warns). Lists convert natively.
+    ray_env.init_ray turns that fallback into an error, so a column this misses fails loudly."""
+    out = dict(batch)
+    for name, col in batch.items():
+        if isinstance(col, np.ndarray) and col.dtype == object and any(isinstance(v, np.ndarray) and v.dtype == object for v in col):
+            out[name] = _obj([v.tolist() if isinstance(v, np.ndarray) else v for v in col])
+    return out
+
+
 def _check_columns(batch: dict, required: tuple[str, ...], stage: str) -> None:
     missing = [c for c in required if c not in batch]
     if missing:
@@ -156,7 +168,7 @@ class ScoreStage:
         if self.coordinator is not None:
             self.coordinator.add.remote({"scored": len(valid), "score_out": n,
                                          "score_busy_s": time.perf_counter() - start})
-        return {**batch, "step_mean": _typed(means, np.float64), "step_std": _typed(stds, np.float64),
+        return {**arrow_lists(batch), "step_mean": _typed(means, np.float64), "step_std": _typed(stds, np.float64),
                 "model_version": np.full(n, self.version, dtype=np.int64)}
 
 
@@ -197,7 +209,7 @@ class SelectStage:
             audit[rows] = ~uncertain[rows] & candidates
         selected = (select_rows(self.mode, uncertain, ids, random_rate=self.random_rate, seed=self.seed)
                     | audit) & valid
-        return {**batch, "uncertain": uncertain, "selected": selected, "audit": audit}
+        return {**arrow_lists(batch), "uncertain": uncertain, "selected": selected, "audit": audit}
 
 
 class LabelStage:
@@ -212,7 +224,7 @@ class LabelStage:
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
-        out = self.labeler(batch)
+        out = arrow_lists(self.labeler(batch))
         out["hard_labels"] = _typed(out["hard_labels"], np.int64)  # every labeler's lists, typed (see _typed)
         if self.coordinator is not None:
             ok = int(sum(1 for s in out["label_status"] if s == "ok"))

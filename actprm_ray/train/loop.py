@@ -88,6 +88,7 @@ class Worker:
         # Where the rest of the wall time goes (B5): waiting on the stream, publishing weights, reports, checkpoints.
         self.phase_s: Counter = Counter({"wait": 0.0, "publish": 0.0, "report": 0.0, "checkpoint": 0.0})
         self.rows_at_start = self.state["rows_trained"]  # busy_s restarts with the process; so does its row count
+        self.history: list[dict] = []  # per-step metrics since the last ray.train.report, which carries them all
 
     @contextlib.contextmanager
     def timed(self, phase: str):
@@ -194,6 +195,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     from ray.train import Checkpoint
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Train logs every report's metrics at INFO, in one line: with the per-step history a report carries, that
+    # is a 10 KB log line per report, all of it in metrics.jsonl already. (Its logger is named by file path.)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
     cfg = _from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
@@ -224,10 +230,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "lr": w.scheduler.get_last_lr()[0], "grad_norm": w.grad_norm, "rows_trained": w.state["rows_trained"],
                 "train_rows_per_s": w.rows_here() / max(w.busy_s, 1e-9), "final": final}
 
+    def report(final: bool = False, checkpoint=None) -> None:
+        # One report carries every step since the last (MetricsLog writes a line per step): a report waits for
+        # the Train controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so one per step would cost
+        # more than the step (B5 measured 65 s of a 108 s run in per-5-step reports).
+        history, w.history = w.history, []
+        with w.timed("report") if checkpoint is None else contextlib.nullcontext():  # else: in checkpoint's time
+            ray.train.report({**metrics(final), "history": history}, checkpoint=checkpoint)
+
     def checkpoint(final: bool = False) -> None:
         w.flush()
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
+        with w.timed("checkpoint"), tempfile.TemporaryDirectory() as tmp:
             state = sharding.gather_state(w.model, w.core, "full")  # sharded: a collective, so on every rank
             if w.rank == 0:
                 w.core.save_pretrained(Path(tmp) / "model", state_dict=state)
@@ -235,8 +248,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # Each rank's own optimizer state (its shard under FSDP), restored by the same rank on resume.
             torch.save({"optimizer": sharding.local_optimizer_state(w.optimizer),
                         "scheduler": w.scheduler.state_dict()}, Path(tmp) / f"optim_rank{w.rank}.pt")
-            ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics(final), checkpoint=ckpt)
+            report(final, checkpoint=Checkpoint.from_directory(tmp))
 
     # Scorers must get this group's weights under a version above anything published before: after a restore
     # (driver rerun, mid-run group restart) or a fresh start over a lost attempt's weights (its checkpoint never
@@ -291,18 +303,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         w.grad_norm = optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
         w.busy_s += time.perf_counter() - started
         w.state["step"] += 1
+        w.history.append(metrics())
         if t.step_delay_s:
             time.sleep(t.step_delay_s)
         if w.state["step"] % t.publish_every == 0:
             with w.timed("publish"):
                 publish()
         if w.state["step"] % t.checkpoint_every == 0:
-            with w.timed("checkpoint"):
-                checkpoint()
+            checkpoint()
         elif t.report_every and w.state["step"] % t.report_every == 0:
             # Metrics-only report: every rank reaches it at the same step (lockstep above), as report() requires.
-            with w.timed("report"):
-                ray.train.report(metrics())
+            report()
         if w.rank == 0:
             w.coordinator.add.remote({"trained_steps": 1})
 

@@ -31,7 +31,8 @@ class UnequalSplit(DataConfig):
 
 
 class MetricsLog(UserCallback):
-    """Append rank 0's metrics of every `ray.train.report` to `<run>/metrics.jsonl`, on the Train controller.
+    """Append rank 0's per-step metrics to `<run>/metrics.jsonl`, on the Train controller: one line per optimizer
+    step (a report carries the steps since the last one under "history"), plus the final report's own line.
 
     Train V2 runs user callbacks here instead of Tune's logger callbacks; a TensorBoard or MLflow writer is
     another `UserCallback.after_report` like this one (pass it in `build_trainer(callbacks=...)`)."""
@@ -40,9 +41,13 @@ class MetricsLog(UserCallback):
         self.path = path
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
-        record = {**metrics[0], "checkpoint": checkpoint.path if checkpoint is not None else None}
+        report = dict(metrics[0])
+        lines = report.pop("history", [])
+        if report["final"] or not lines:
+            lines = [*lines, report]
+        lines[-1] = {**lines[-1], "checkpoint": checkpoint.path if checkpoint is not None else None}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps({"checkpoint": None, **line}) + "\n" for line in lines)
 
 
 def scaling_config(cfg: Config) -> ScalingConfig:
