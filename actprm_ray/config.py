@@ -186,7 +186,7 @@ class ClusterConfig:
 @dataclass
 class RunConfig:
     name: str = "default"  # one plain directory name (letters, digits, . _ -); a second run with the same name resumes
-    output_dir: str = "runs"  # parent of the run directory
+    output_dir: str = "~/actprm_results"  # parent of run directories; the default outlives the process and the cluster (as Ray Train's ~/ray_results); a relative path is taken from the launch directory, and refused in a `ray job submit` working-dir copy (deleted with the cluster)
     seed: int = 0
     local_ray: bool = True  # start a local Ray instance when none is running (the embedded default)
     ray_num_cpus: Optional[int] = None  # CPUs for that local instance (None = all)
@@ -232,8 +232,14 @@ OUTPUT_PATH_KEYS = ("labeler.judge.cache_path",)
 DEFAULT_LABEL_CACHE = "ledger/labels"  # inside the run ledger (actprm_ray/ledger.py)
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir) / cfg.run.name
+def run_directory(cfg: Config) -> Path:
+    """The run's directory, absolute: `~` expanded, a relative run.output_dir taken from the working directory."""
+    return Path(os.path.normpath(Path(cfg.run.output_dir).expanduser().absolute() / cfg.run.name))
+
+
+def in_job_working_dir(path: Path) -> bool:
+    """Is `path` inside Ray's copy of a submitted job's working dir (deleted with the cluster)?"""
+    return "working_dir_files" in path.parts and "runtime_resources" in path.parts
 
 
 def resolve_output_path(value: str, directory: str | Path) -> Path:
@@ -248,10 +254,14 @@ def _path_errors(cfg: Config) -> list[str]:
     if not _RUN_NAME.fullmatch(cfg.run.name):
         return [f"run.name={cfg.run.name!r}: must be one plain name (letters, digits, '.', '_', '-', starting with a "
                 "letter or digit; no '/' or '..')"]
-    if cfg.run.allow_external_paths:
-        return []
-    base = Path(os.path.normpath(run_dir(cfg).absolute()))
     errors = []
+    if not Path(cfg.run.output_dir).expanduser().is_absolute() and in_job_working_dir(Path.cwd()):
+        errors.append(f"run.output_dir={cfg.run.output_dir!r} is relative, and this job runs in Ray's temporary copy "
+                      f"of its working dir ({Path.cwd()}), which is deleted with the cluster: give an absolute path "
+                      "on storage that outlives it, or leave the default (~/actprm_results)")
+    if cfg.run.allow_external_paths:
+        return errors
+    base = run_directory(cfg)
     for key in OUTPUT_PATH_KEYS:
         value = reduce(getattr, key.split("."), cfg)
         if value and base not in resolve_output_path(value, base).parents:

@@ -146,3 +146,18 @@ def test_resolved_config_dump_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "conf").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_yaml_validates(path):
     load_config(path)
+
+
+def test_run_directory_is_absolute_and_a_relative_one_is_refused_in_a_job_working_dir(tmp_path, monkeypatch):
+    from actprm_ray.config import ConfigError, load_config, run_directory
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert run_directory(load_config(None, ["run.name=r"])) == tmp_path / "home" / "actprm_results" / "r"
+    monkeypatch.chdir(tmp_path)
+    assert run_directory(load_config(None, ["run.output_dir=runs", "run.name=r"])) == tmp_path / "runs" / "r"
+    job_copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    job_copy.mkdir(parents=True)
+    monkeypatch.chdir(job_copy)
+    with pytest.raises(ConfigError, match=r"run\.output_dir='runs' is relative.*deleted with the cluster"):
+        load_config(None, ["run.output_dir=runs"])
+    assert run_directory(load_config(None, [f"run.output_dir={tmp_path / 'abs'}", "run.name=r"])) == tmp_path / "abs" / "r"

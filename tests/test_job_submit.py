@@ -58,21 +58,28 @@ def head_node(tmp_path):
     else:
         head.kill()
         pytest.fail("ray head did not come up in 90 s")
-    yield url, env
-    head.terminate()
-    try:
-        head.wait(timeout=10)  # a graceful stop takes ~30 s; the group is this test's own cluster alone
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, 9)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    def stop() -> None:
+        if head.poll() is None:
+            head.terminate()
+            try:
+                head.wait(timeout=10)  # a graceful stop takes ~30 s; the group is this test's own cluster alone
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, 9)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's temp dir, with the job's working-dir copy
+
+    yield url, env, stop
+    stop()
 
 
 def test_ray_job_submit_active_train(head_node, tmp_path):
-    url, env = head_node
-    out = tmp_path / "runs"
+    """The README's submit command with the default run.output_dir (a HOME of the test's own): the outputs land
+    under ~/actprm_results, the job prints where, and they are still there after the cluster is stopped."""
+    url, env, stop_cluster = head_node
+    home = tmp_path / "home"
+    runtime_env = {"excludes": [".venv", "runs", ".git", "*.parquet"], "env_vars": {"HOME": str(home)}}
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "*.parquet"]}), "--",
-           "python", "jobs/active_train.py", f"run.output_dir={out}", "run.name=submitted", "data.synthetic_rows=48",
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "jobs/active_train.py", "run.name=submitted", "data.synthetic_rows=48",
            "model.n_heads=4", "train.micro_batch_size=8", "train.checkpoint_every=2"]
     for _ in range(36):  # up to ~3 min on a loaded machine
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -82,6 +89,11 @@ def test_ray_job_submit_active_train(head_node, tmp_path):
         time.sleep(5)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
-    summary = json.loads((out / "submitted" / "summary.json").read_text())
+    run_dir = home / "actprm_results" / "submitted"
+    assert f"[actprm] run dir {run_dir}" in proc.stdout and f"[actprm] summary: {run_dir}/summary.json" in proc.stdout
+    stop_cluster()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run_dir"] == str(run_dir) and Path(summary["checkpoint"]).is_relative_to(run_dir)
+    assert (run_dir / "outcomes.parquet").is_file() and (Path(summary["checkpoint"]) / "config.json").is_file()
     assert summary["rows_read"] == 48 and summary["identity_holds"]
     assert summary["outcomes"]["trained"] + summary["outcomes"]["confident"] + summary["outcomes"]["invalid_input"] == 48

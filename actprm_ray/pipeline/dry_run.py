@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from actprm_ray.config import Config, run_dir, save_resolved, to_dict
+from actprm_ray.config import Config, run_directory, save_resolved, to_dict
 from actprm_ray.model import memory as mem
 from actprm_ray.model.memory import Estimate
 
@@ -191,7 +191,7 @@ def plan_and_scaling(cfg: Config) -> tuple[str, list[str], dict]:
 
     source = cfg.data.pool or f"synthetic pool ({cfg.data.synthetic_rows} rows, generated at run start)"
     # No coordinator name: the plan is described, never applied, so no actor is looked up (and Ray is not started).
-    plan = build_active_plan(cfg, init_dir=str(run_dir(cfg) / "init"), coordinator_name="", source=source)
+    plan = build_active_plan(cfg, init_dir=str(run_directory(cfg) / "init"), coordinator_name="", source=source)
     s = scaling_config(cfg)
     scaling = {"num_workers": s.num_workers, "use_gpu": s.use_gpu, "resources_per_worker": s.resources_per_worker}
     return plan.describe(), plan.stage_names(), scaling
@@ -263,8 +263,8 @@ def dry_run(cfg: Config, config_path: str | None = None, out=sys.stdout) -> int:
               "estimates": [e.to_dict() for e in estimates], "problems": problems, "fits": not problems,
               "headroom": {"reserve_gib": mem.RESERVE_GIB, "fragmentation": mem.FRAGMENTATION,
                            "vllm_runtime_gib": mem.VLLM_RUNTIME_GIB}}
-    if Path(cfg.run.output_dir).is_dir():
-        directory = run_dir(cfg)
+    if Path(cfg.run.output_dir).expanduser().is_dir():
+        directory = run_directory(cfg)
         save_resolved(cfg, directory)
         (directory / "dry_run.json").write_text(json.dumps(report | {"resolved": to_dict(cfg)}, indent=2))
         say(f"[actprm] written: {directory / 'config.yaml'} and {directory / 'dry_run.json'}")
