@@ -1,6 +1,7 @@
 """A corpus of bad input rows, one per kind, among good ones; written fresh by the tests (no binary data in git).
 
-    write_pool_corpus(dir) -> {row id: kind}           pool.jsonl + Parquet shards: loop, filter, label job
+    write_pool_corpus(dir) -> {row id: kind}           pool.jsonl + Parquet shards: loop, filter, label job,
+                                                       supervised training (jobs/train.py)
     write_processbench_corpus(dir) -> {row id: kind}   a ProcessBench folder (four subsets): jobs/evaluate.py
 
 POOL_KINDS / PROCESSBENCH_KINDS give each kind's expected verdict: a regex the reason must match, or one of
@@ -26,6 +27,7 @@ VALID = "valid"  # accepted as is (the label, if any, is the row's own)
 NO_LABEL = "valid, no label"  # accepted; the row has no first_error_step (the oracle cannot label it)
 TOO_LONG = "too long"  # invalid where a tokenizer cuts at model.max_length (loop, filter); accepted by the label job
 SELECTED_BAD = "selected not a bool"  # only the label job reads `selected`; the other jobs ignore the column
+LABEL_COLUMN = "a label column"  # only supervised training reads hard_labels & co (TRAIN_LABEL_KINDS)
 
 MAX_LENGTH = 512  # model.max_length the tests run with
 DUPLICATED_ID = "dup-1"
@@ -91,6 +93,18 @@ POOL_KINDS = {
     "long_tail": VALID,  # first steps fit: cut, and the first error (past the cut) becomes -1
     # the label job's own column
     "selected_string": SELECTED_BAD,
+    # the label columns (data/shards.py LABEL_COLUMNS)
+    "hard_labels_given": VALID,  # supervised training trains on them, the other jobs on first_error_step
+    "judge_tokens_whole_float": VALID,
+    "hard_labels_string": LABEL_COLUMN,
+    "hard_labels_null_item": LABEL_COLUMN,
+    "hard_labels_fraction": LABEL_COLUMN,
+    "hard_labels_bool": LABEL_COLUMN,
+    "label_key_int": LABEL_COLUMN,
+    "judge_tokens_string": LABEL_COLUMN,
+    "hard_labels_not_binary": LABEL_COLUMN,
+    "hard_labels_after_error": LABEL_COLUMN,
+    "hard_labels_too_many": LABEL_COLUMN,
     # Parquet shards
     "parquet_wrong_schema": r"^missing id$",
     "parquet_string_steps": r"^steps must be a list of strings, got str$",
@@ -99,6 +113,20 @@ POOL_KINDS = {
     "parquet_fes_whole_float": VALID,  # 1.0 in a float column (pandas writes ints with nulls that way)
     "parquet_fes_nan": NO_LABEL,
     "parquet_fes_fraction": r"^first_error_step must be an integer, got float 2\.5$",
+}
+
+# Supervised training's verdict on the LABEL_COLUMN kinds: (outcome, reason regex). The reader rejects a wrong type
+# (invalid_input), attach_labels a list that is no METHOD §1 labelling (label_failed).
+TRAIN_LABEL_KINDS = {
+    "hard_labels_string": ("invalid_input", r"^hard_labels must be a list of integers, got str$"),
+    "hard_labels_null_item": ("invalid_input", r"^hard_labels\[1\] must be an integer, got NoneType None$"),
+    "hard_labels_fraction": ("invalid_input", r"^hard_labels\[1\] must be an integer, got float 0\.5$"),
+    "hard_labels_bool": ("invalid_input", r"^hard_labels\[0\] must be an integer, got bool True$"),
+    "label_key_int": ("invalid_input", r"^label_key must be a string, got int$"),
+    "judge_tokens_string": ("invalid_input", r"^judge_tokens must be an integer, got str 'many'$"),
+    "hard_labels_not_binary": ("label_failed", r"^hard_labels must be 0/1, got \[2\]$"),
+    "hard_labels_after_error": ("label_failed", r"^hard_labels continue after the first error"),
+    "hard_labels_too_many": ("label_failed", r"^3 hard_labels for 2 steps$"),
 }
 
 
@@ -173,6 +201,18 @@ def _jsonl_entries() -> list[tuple[str, str | None, bytes]]:
         ("long_question", "long-question", _line(_row("long-question", question="Tom has 3 apples. " * 400))),
         ("long_tail", "long-tail", _line(_row("long-tail", steps=long_steps, first_error_step=30))),
         ("selected_string", "selected-string", _line(_row("selected-string", selected="yes"))),
+        ("hard_labels_given", "hl-given",
+         _line(_row("hl-given", hard_labels=[1, 0], first_error_step=1, label_source="judge:x"))),
+        ("judge_tokens_whole_float", "jt-float", _line(_row("jt-float", hard_labels=[1, 1], judge_tokens=120.0))),
+        ("hard_labels_string", "hl-string", _line(_row("hl-string", hard_labels="10"))),
+        ("hard_labels_null_item", "hl-null-item", _line(_row("hl-null-item", hard_labels=[1, None]))),
+        ("hard_labels_fraction", "hl-fraction", _line(_row("hl-fraction", hard_labels=[1, 0.5]))),
+        ("hard_labels_bool", "hl-bool", _line(_row("hl-bool", hard_labels=[True, False]))),
+        ("label_key_int", "lk-int", _line(_row("lk-int", hard_labels=[1, 1], label_key=7))),
+        ("judge_tokens_string", "jt-string", _line(_row("jt-string", hard_labels=[1, 1], judge_tokens="many"))),
+        ("hard_labels_not_binary", "hl-two", _line(_row("hl-two", hard_labels=[1, 2]))),
+        ("hard_labels_after_error", "hl-after", _line(_row("hl-after", hard_labels=[0, 1]))),
+        ("hard_labels_too_many", "hl-many", _line(_row("hl-many", hard_labels=[1, 1, 1]))),
     ]
 
 

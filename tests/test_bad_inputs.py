@@ -1,6 +1,7 @@
 """Bad input rows end as invalid_input with a reason naming the problem; the run completes and every row read
 has exactly one outcome. First per row (reader + CanonicalizeStage, no Ray) for every kind of tests/bad_inputs.py,
-then one run of each job over the whole corpus: the loop, the filter, the label job (Ray), evaluate (in-process).
+then one run of each job over the whole corpus: the loop, the filter, the label job, supervised training (Ray),
+evaluate (in-process).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from bad_inputs import (DUPLICATED_ID, MAX_LENGTH, NO_LABEL, POOL_KINDS, PROCESSBENCH_KINDS, SCORED, SELECTED_BAD,
-                        SKIPPED, TOO_LONG, UNSCORABLE, VALID, write_pool_corpus, write_processbench_corpus)
+from bad_inputs import (DUPLICATED_ID, LABEL_COLUMN, MAX_LENGTH, NO_LABEL, POOL_KINDS, PROCESSBENCH_KINDS, SCORED,
+                        SELECTED_BAD, SKIPPED, TOO_LONG, TRAIN_LABEL_KINDS, UNSCORABLE, VALID, write_pool_corpus,
+                        write_processbench_corpus)
 
 from actprm_ray.config import load_config
-from actprm_ray.data.shards import index_pool, read_chunk
+from actprm_ray.data.shards import LABEL_COLUMNS, index_pool, read_chunk
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
 from actprm_ray.eval.samples import EvalDataError
 from actprm_ray.pipeline import outcomes as oc
@@ -52,6 +54,9 @@ def verdict(kind: str, job: str) -> tuple[bool, str | bool]:
         return (False, r"^selected must be true or false, got str 'yes'$") if job == "label" else (True, True)
     if kind == "duplicate_id" and job == "filter":
         return True, True  # the filter keeps flat memory and does not look for repeated ids (its docstring)
+    if expect == LABEL_COLUMN:
+        assert job != "train", "supervised training's verdict on the label columns is TRAIN_LABEL_KINDS"
+        return True, True  # a job that ignores the label columns labels the row by its first_error_step
     if expect in (VALID, NO_LABEL):
         return True, expect == VALID
     return False, expect
@@ -96,6 +101,46 @@ def test_every_kind_gets_its_reason_from_reader_and_canonicalize(corpus, checkpo
     assert by_kind["parquet_fes_whole_float"]["oracle_first_error_step"] == 1
 
 
+def train_verdict(kind: str) -> tuple[str, str]:
+    """(outcome, reason regex) of supervised training (jobs/train.py) for `kind`; reason "" for trained rows."""
+    if kind in TRAIN_LABEL_KINDS:
+        return TRAIN_LABEL_KINDS[kind]
+    valid, detail = verdict(kind, "train")
+    if not valid:
+        return oc.INVALID_INPUT, detail
+    if detail:
+        return oc.TRAINED, ""
+    return oc.LABEL_FAILED, r"^row has no label: needs hard_labels or first_error_step$"
+
+
+def test_every_kind_gets_its_label_verdict_from_reader_and_labelled_canonicalize(corpus, checkpoint):
+    """Supervised training's per-row path: the reader with the label columns, then LabelledCanonicalizeStage."""
+    from actprm_ray.train.supervised import TRAIN_COLUMNS, LabelledCanonicalizeStage
+
+    d, kinds = corpus
+    index = index_pool(str(d))
+    stage = LabelledCanonicalizeStage(str(checkpoint), sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
+                                      max_length=MAX_LENGTH, carry=LABEL_COLUMNS)
+    rows = {}
+    for c in index.chunks:
+        out = stage(read_chunk({k: np.asarray([v]) for k, v in asdict(c).items()}, columns=TRAIN_COLUMNS,
+                               duplicates=index.duplicates))
+        for i, rid in enumerate(out["id"]):
+            rows[rid] = {k: out[k][i] for k in ("valid", "invalid_reason", "label_status", "label_reason",
+                                                "label_source", "judge_tokens")}
+    assert sorted(rows) == sorted(kinds)
+    for rid, kind in kinds.items():
+        r, (outcome, pattern) = rows[rid], train_verdict(kind)
+        if outcome == oc.INVALID_INPUT:
+            assert not r["valid"], (rid, kind)
+            _assert_reason(rid, kind, r["invalid_reason"], pattern)
+        else:
+            assert r["valid"] and r["label_status"] == ("ok" if outcome == oc.TRAINED else "failed"), (rid, kind, r)
+            _assert_reason(rid, kind, r["label_reason"], pattern or "^$")
+    assert rows["hl-given"]["label_source"] == "judge:x" and rows["jt-float"]["judge_tokens"] == 120
+    assert (rows["extra"]["label_source"], rows["extra"]["judge_tokens"]) == ("dataset", 0)  # the set has neither
+
+
 def test_a_file_that_is_not_parquet_fails_naming_it(tmp_path):
     """No row of it can even be counted, so the job stops at once, before any work, with the file named."""
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
@@ -128,6 +173,26 @@ def test_loop_accounts_every_bad_row(ray_local, corpus, tmp_path):
             assert o["outcome"] == oc.TRAINED, (rid, kind, o)
         else:
             assert (o["outcome"], o["reason"]) == (oc.LABEL_FAILED, "row has no first_error_step to reveal"), (rid, kind)
+
+
+@pytest.mark.ray
+def test_train_job_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_path):
+    from actprm_ray.train.supervised import run_supervised
+
+    d, kinds = corpus
+    cfg = load_config(None, [
+        "run.name=bad-inputs-train", f"run.output_dir={tmp_path}", f"data.pool={d}", f"model.max_length={MAX_LENGTH}",
+        "train.lr=1e-3", "train.warmup_steps=2", "train.micro_batch_size=8", "train.checkpoint_every=5",
+        "pipeline.score_batch_size=8"])
+    summary = run_supervised(cfg, init_checkpoint=str(checkpoint))
+    assert summary["identity_holds"] and summary["rows_read"] == len(kinds)
+    outcomes = {r["id"]: r for r in pq.read_table(f"{summary['run_dir']}/outcomes.parquet").to_pylist()}
+    assert sorted(outcomes) == sorted(kinds)
+    for rid, kind in kinds.items():
+        outcome, pattern = train_verdict(kind)
+        assert outcomes[rid]["outcome"] == outcome, (rid, kind, outcomes[rid])
+        _assert_reason(rid, kind, outcomes[rid]["reason"], pattern or "^$")
+    assert outcomes["hl-given"]["label_source"] == "judge:x"  # the set's own columns reach the outcome table
 
 
 @pytest.mark.ray

@@ -206,7 +206,7 @@ def run_config(run_dir: Path) -> dict:
 
 
 def run_pool_path(run_dir: Path, cfg: dict) -> str:
-    """data.pool, or the synthetic pool the run wrote into its folder (data/pool.py resolve_pool)."""
+    """data.pool, or the synthetic pool the run wrote into its folder (data/shards.py resolve_pool)."""
     data = cfg["data"]
     if data.get("pool"):
         return data["pool"]

@@ -1,4 +1,6 @@
-"""Reading trajectory shards (Parquet / JSONL; a file or a folder, local or any pyarrow URI) row by row.
+"""Reading trajectory shards (Parquet / JSONL; a file or a folder, local or any pyarrow URI) row by row: the one
+pool reader of every job (the loop, the filter, the label job, supervised training). `resolve_pool` names a run's
+pool, materialising the embedded synthetic one when none is configured.
 
 Every row of the input comes out, a bad one too: a row that cannot be read (bad JSON, not UTF-8, not an object,
 a missing or unusable id, a missing required field, an id seen before, a value of the wrong type) carries a
@@ -9,8 +11,11 @@ themselves (empty steps, ranges, length) is CanonicalizeStage's job.
 Why the reader checks types: Ray Data gives each block its own Arrow type per column and unifies differing
 types when a batch spans blocks, converting values on the way (a string question next to a binary one comes
 out as bytes, in the *good* rows). So the columns leave the reader with one type each, in every block:
-question a string, steps a list of strings, first_error_step an int, selected a bool, or null; a row whose
-value has another type is invalid, with the value nulled.
+question a string, steps a list of strings, first_error_step an int, selected a bool, and the label columns
+supervised training reads (LABEL_COLUMNS): hard_labels a list of ints, label_source and label_key strings,
+judge_tokens and judge_prompt_tokens ints; or null. A row whose value has another type is invalid, with the
+value nulled; so is text with a NUL or an unpaired surrogate (Arrow cannot hold the latter), with the reason
+CanonicalizeStage would give.
 
     shards, sorted by path -> chunks: fixed row ranges of one shard, planned on the driver
       -> read_chunk (a Ray Data map over chunk descriptors) -> rows + read_error
@@ -25,16 +30,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from itertools import groupby, islice
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actprm_ray.data.step_format import StepFormatError, check_types, parse_first_error_step
+from actprm_ray.config import Config
+from actprm_ray.data.step_format import StepFormatError, check_text, check_types, parse_first_error_step, parse_int
 
 POOL_COLUMNS = ("id", "question", "steps", "first_error_step")
+# A labelled set's columns (the label job writes them), read by supervised training; each null where a row lacks it.
+LABEL_COLUMNS = ("hard_labels", "label_source", "label_key", "judge_tokens", "judge_prompt_tokens")
+_STRING_COLUMNS = ("label_source", "label_key")
+_INT_COLUMNS = ("judge_tokens", "judge_prompt_tokens")
 REQUIRED_COLUMNS = ("id", "question", "steps")
 SHARD_SUFFIXES = (".parquet", ".jsonl", ".json")
 # Rows per read task in the loop and the label job (the filter sets its own). A Parquet chunk decodes its whole
@@ -59,6 +71,18 @@ class Chunk:
     byte_start: int = 0
     byte_end: int = 0
     first_line: int = 0
+
+
+def resolve_pool(cfg: Config, run_dir: Path) -> str:
+    """Return the pool path; materialise the synthetic pool (deterministic from its seed) when none is given."""
+    if cfg.data.pool:
+        return cfg.data.pool
+    from actprm_ray.data.synthetic import generate_pool, write_pool
+
+    path = run_dir / f"synthetic_pool_{cfg.data.synthetic_rows}_{cfg.data.synthetic_seed}.parquet"
+    if not path.exists():
+        write_pool(generate_pool(cfg.data.synthetic_rows, seed=cfg.data.synthetic_seed), path)
+    return str(path)
 
 
 # -- file systems and planning ------------------------------------------------------------------------------------
@@ -242,9 +266,39 @@ def _checked_values(rec: dict, columns: tuple[str, ...]) -> dict:
     if "first_error_step" in out:
         out["first_error_step"] = parse_first_error_step(out["first_error_step"])
     out["steps"] = check_types(out["question"], out["steps"])
+    # Arrow cannot hold an unpaired surrogate: one such string would turn the whole block into pandas, which the
+    # trainer's batcher cannot mix with Arrow. (Empty steps: CanonicalizeStage reports that first.)
+    if out["steps"]:
+        for i, step in enumerate(out["steps"]):
+            check_text(step, f"step {i}")
+        check_text(out["question"], "question")
     if "selected" in out and not isinstance(out["selected"], (bool, type(None))):
         v = out["selected"]
         raise StepFormatError(f"selected must be true or false, got {type(v).__name__} {v!r}")
+    if "hard_labels" in out:
+        out["hard_labels"] = _int_list(out["hard_labels"], "hard_labels")
+    for c in _STRING_COLUMNS:
+        if c in out and not isinstance(out[c], (str, type(None))):
+            raise StepFormatError(f"{c} must be a string, got {type(out[c]).__name__}")
+    for c in _INT_COLUMNS:
+        if c in out:
+            out[c] = parse_int(out[c], c)
+    return out
+
+
+def _int_list(value, name: str) -> list[int] | None:
+    """A list of whole numbers (their range is the reader of the column's job), or None."""
+    if value is None:
+        return None
+    # A string or mapping is iterable too, but not a list of labels ("110" would read as three).
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise StepFormatError(f"{name} must be a list of integers, got {type(value).__name__}")
+    out = []
+    for j, v in enumerate(value):
+        k = parse_int(v, f"{name}[{j}]")
+        if k is None:  # a missing label inside a list is not a missing list
+            raise StepFormatError(f"{name}[{j}] must be an integer, got {type(v).__name__} {v!r}")
+        out.append(k)
     return out
 
 

@@ -95,19 +95,24 @@ def check_text(text: str, what: str) -> None:
         raise StepFormatError(f"{what} is not valid Unicode (unpaired surrogate at character {e.start})") from None
 
 
-def parse_first_error_step(value: object) -> int | None:
-    """A row's first_error_step as an int; None when it has none: None, or NaN (how a float column, e.g. from
-    pandas, writes a missing int). Any other value must be a whole number, else StepFormatError. The range
-    depends on the steps: callers check it."""
+def parse_int(value: object, name: str) -> int | None:
+    """`value` as an int; None when it has none: None, or NaN (how a float column, e.g. from pandas, writes a
+    missing int). Any other value must be a whole number, else StepFormatError naming `name`."""
     if isinstance(value, np.generic):
         value = value.item()  # a numpy scalar: judge (and name) the Python value
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, bool):
-        raise StepFormatError(f"first_error_step must be an integer, got bool {value}")
+        raise StepFormatError(f"{name} must be an integer, got bool {value}")
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return int(value)
-    raise StepFormatError(f"first_error_step must be an integer, got {type(value).__name__} {value!r}")
+    raise StepFormatError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+
+
+def parse_first_error_step(value: object) -> int | None:
+    """A row's first_error_step as an int, or None when it has none (parse_int). The range depends on the
+    steps: callers check it."""
+    return parse_int(value, "first_error_step")
 
 
 def check_types(question: object, steps: object) -> list:

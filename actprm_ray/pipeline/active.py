@@ -11,8 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, resolve_output_path, save_resolved, to_dict
-from actprm_ray.data.pool import resolve_pool
-from actprm_ray.data.shards import index_pool, read_pool_rows
+from actprm_ray.data.shards import index_pool, read_pool_rows, resolve_pool
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
 from actprm_ray.pipeline.ray_env import init_ray

@@ -356,7 +356,7 @@ def _defaults(cfg: Config, args: FilterArgs) -> FilterArgs:
 
         checkpoint = str(prepare_initial_model(cfg, run_dir))
     if not data:
-        from actprm_ray.data.pool import resolve_pool
+        from actprm_ray.data.shards import resolve_pool
 
         data = resolve_pool(cfg, run_dir)
     return FilterArgs(checkpoint=checkpoint, input=data, output=output, write_all=args.write_all,

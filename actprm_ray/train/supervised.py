@@ -1,12 +1,14 @@
 """Supervised (continued) training on a labelled set: stage 2 from a stage-1 checkpoint, or from a fresh backbone.
 
     labelled rows (Parquet/JSONL: id, question, steps + hard_labels and/or first_error_step)
-      -> Canonicalize (labels carried through) -> attach_labels (label_status ok | failed)
+      -> the pool reader (data/shards.py: a row it cannot read carries a read_error)
+      -> LabelledCanonicalizeStage: Canonicalize (labels carried through), then attach_labels (label_status ok | failed)
       -> the loop's own TorchTrainer (train_loop_per_worker, loss, checkpoints: nothing is copied)
 
 Every labelled row is "selected": the trainer's selection only acts for inline / stale-reselect settings, which
-make no sense here and are rejected. Rows keep the loop's accounting (invalid_input / label_failed / trained),
-and a rerun with the same run name resumes like the loop does.
+make no sense here and are rejected. Every row read ends in one of the loop's outcomes (invalid_input, with the
+reader's or Canonicalize's reason / label_failed / trained), and a rerun with the same run name resumes like the
+loop does.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from actprm_ray.config import Config, ConfigError, load_config, save_resolved, to_dict
+from actprm_ray.data.shards import LABEL_COLUMNS, POOL_COLUMNS
 from actprm_ray.data.step_format import labels_from_first_error
 from actprm_ray.pipeline.filter import CarryCanonicalizeStage, resolve_model_dir
 from actprm_ray.pipeline.plan import Plan, StageSpec, drop_accounted
 from actprm_ray.pipeline.stages import NO_ORACLE
 
-LABEL_CARRY = ("hard_labels", "label_source", "label_key", "judge_tokens", "judge_prompt_tokens")
+# What a labelled row brings besides its label (the reader gives None where the set has none): the loop's values
+# for a label that came with the data, not from a judge.
+LABEL_DEFAULTS = {"label_source": "dataset", "label_key": "", "judge_tokens": 0, "judge_prompt_tokens": 0}
+TRAIN_COLUMNS = (*POOL_COLUMNS, *LABEL_COLUMNS)
 
 
 def check_labels(labels: list, num_steps: int) -> str:
@@ -62,7 +68,7 @@ def attach_labels(batch: dict) -> dict:
         if not bool(batch["valid"][i]):
             continue
         visible = len(batch["readout_positions"][i])
-        labels = None if given is None or given[i] is None else [int(y) for y in given[i]]
+        labels = None if given is None or _missing(given[i]) else [int(y) for y in given[i]]
         if labels:
             why = check_labels(labels, int(batch["num_steps_given"][i]))
         elif int(batch["oracle_first_error_step"][i]) != NO_ORACLE:
@@ -76,9 +82,25 @@ def attach_labels(batch: dict) -> dict:
         status[i], reason[i], hard[i] = "ok", "", labels
         first[i] = labels.index(0) if 0 in labels else -1
     out = {**batch, "label_status": status, "label_reason": reason, "hard_labels": hard, "first_error_step": first}
-    if "label_source" not in batch:
-        out["label_source"] = np.array(["dataset"] * n, dtype=object)
+    for col, default in LABEL_DEFAULTS.items():
+        values = batch.get(col)
+        filled = [default if values is None or _missing(values[i]) else values[i] for i in range(n)]
+        out[col] = np.asarray(filled, dtype=object if isinstance(default, str) else np.int64)
     return out
+
+
+def _missing(value) -> bool:
+    """None, or NaN: between stages Ray Data may hand a column's nulls over as float NaN (an int column with
+    nulls, a column with no value in the batch)."""
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+class LabelledCanonicalizeStage(CarryCanonicalizeStage):
+    """CarryCanonicalizeStage, then attach_labels, in one stage: the labels leave it as plain lists. (Carried on as
+    read, a column of int arrays with nulls would not convert to Arrow between stages.)"""
+
+    def __call__(self, batch: dict) -> dict:
+        return attach_labels(super().__call__(batch))
 
 
 def prepare_init(cfg: Config, run_dir: Path, init_checkpoint: str | None) -> Path:
@@ -107,12 +129,11 @@ def build_supervised_plan(cfg: Config, init_dir: Path, *, accounted: frozenset, 
     if accounted:
         stages.append(StageSpec("drop_done", drop_accounted, fn_kwargs={"ids": accounted}, num_cpus=p.map_num_cpus))
     # sep / system prompt from the checkpoint: the format its heads were trained with in stage 1.
-    stages.append(StageSpec("canonicalize", CarryCanonicalizeStage,
+    stages.append(StageSpec("canonicalize", LabelledCanonicalizeStage,
                             dict(tokenizer_dir=str(init_dir), sep=prm["sep"], system_prompt=prm["system_prompt"],
-                                 max_length=cfg.model.max_length, carry=LABEL_CARRY),
+                                 max_length=cfg.model.max_length, carry=LABEL_COLUMNS),
                             batch_size=p.score_batch_size, num_cpus=p.map_num_cpus, actors=(1, 1),
                             remote_args=dict(max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)))
-    stages.append(StageSpec("labels", attach_labels, batch_size=p.score_batch_size, num_cpus=p.map_num_cpus))
     return Plan(source=source, stages=stages, sink=f"TorchTrainer x{cfg.train.num_workers} (trains every labelled row)")
 
 
@@ -120,7 +141,7 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
     """Train on cfg.data.pool (a labelled set; "" = the synthetic pool with its own labels); return the summary."""
     import ray
 
-    from actprm_ray.data.pool import read_pool_dataset, read_pool_ids, resolve_pool
+    from actprm_ray.data.shards import index_pool, read_pool_rows, resolve_pool
     from actprm_ray.pipeline import outcomes as oc
     from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
     from actprm_ray.pipeline.ray_env import init_ray
@@ -135,7 +156,8 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
              object_store_limit_mb=cfg.pipeline.object_store_limit_mb)
     init_dir = prepare_init(cfg, run_dir, init_checkpoint)
     data = resolve_pool(cfg, run_dir)
-    ids = read_pool_ids(data, cfg.data.limit)
+    index = index_pool(data, limit=cfg.data.limit)  # every row's id up front: the accounting identity needs them
+    ids = index.ids
     t = cfg.train
     if t.total_steps is None:  # one epoch over the set sets the LR schedule
         t.total_steps = max(1, math.ceil(len(ids) / (t.micro_batch_size * t.grad_accum * t.num_workers)))
@@ -151,7 +173,8 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
     plan = build_supervised_plan(cfg, init_dir, accounted=accounted, source=data)
     print(f"[train] run dir {run_dir}\n[train] init {init_checkpoint or 'fresh heads on ' + cfg.model.backbone}\n"
           f"[train] plan:\n{plan.describe()}", flush=True)
-    dataset = plan.apply(read_pool_dataset(data, num_cpus=cfg.pipeline.map_num_cpus, limit=cfg.data.limit))
+    dataset = plan.apply(read_pool_rows(index, num_cpus=cfg.pipeline.map_num_cpus, columns=TRAIN_COLUMNS,
+                                        max_retries=cfg.pipeline.map_max_retries))
     try:
         result = build_trainer(cfg, run_dir, dataset, name).fit()
     finally:
