@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from actprm_ray.config import parse_args  # noqa: E402
 from actprm_ray.pipeline.active import run_active  # noqa: E402
 from actprm_ray.tracking import log_summary  # noqa: E402
+from actprm_ray.pipeline.run_report import verdict  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +38,7 @@ def main() -> None:
             "lag_histogram", "wall_time_s", "checkpoint")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"[actprm] summary: {summary['run_dir']}/summary.json  outcomes: {summary['run_dir']}/outcomes.parquet")
+    print(f"[actprm] {verdict(summary)}\n[actprm] report: {summary['report']}")
 
 
 if __name__ == "__main__":

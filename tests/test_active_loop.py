@@ -63,6 +63,8 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
     model = EnsemblePRM.from_pretrained(summary["checkpoint"])  # the final checkpoint loads with one call
     assert model.config.n_heads == 4
     assert (tmp_path / "e2e" / "config.yaml").is_file()
+    report = tmp_path / "e2e" / "report" / "report.md"
+    assert summary["report"] == str(report) and f"**labelled {summary['labels_used']} of {n} rows" in report.read_text()
     # Every optimizer step reaches the controller-side callback (reports carry the steps since the last one).
     reports = [json.loads(line) for line in open(summary["metrics_log"])]
     steps = [r["step"] for r in reports]

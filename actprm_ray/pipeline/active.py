@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, resolve_output_path, save_resolved, to_dict
+from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, resolve_output_path, run_directory, save_resolved, to_dict
 from actprm_ray.data.shards import index_pool, read_pool_rows, resolve_pool
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
 from actprm_ray.pipeline.ray_env import init_ray
+from actprm_ray.pipeline.run_report import write_run_report
 from actprm_ray.label.cache import LabelCache
 from actprm_ray.ledger import grants_folder, run_ledger_uri
 from actprm_ray.select import wilson_interval
@@ -37,7 +38,7 @@ def prepare_initial_model(cfg: Config, run_dir: Path) -> Path:
         # Pretrained once per output directory (jobs/pretrain.py defaults), then reused by every run there.
         from actprm_ray.model.pretrain import PretrainConfig, pretrain_backbone
 
-        backbone = str(pretrain_backbone(PretrainConfig(out_dir=str(Path(cfg.run.output_dir) / "backbones" / "tiny_math"),
+        backbone = str(pretrain_backbone(PretrainConfig(out_dir=str(run_directory(cfg).parent / "backbones" / "tiny_math"),
                                                         sep=m.sep, system_prompt=m.system_prompt)))
     elif backbone.startswith("tiny"):
         size = backbone.split(":", 1)[1] if ":" in backbone else "tiny"
@@ -97,9 +98,10 @@ def run_active(cfg: Config) -> dict:
     from actprm_ray.train.trainer import build_trainer
 
     started = time.time()
-    run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
+    print(f"[actprm] run dir {run_dir} (config, summary, outcomes, checkpoints)", flush=True)
     if cfg.selection.inline and cfg.labeler.kind != "oracle":
         raise ValueError("selection.inline=true reveals labels inside the trainer: it needs labeler.kind=oracle")
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
@@ -125,7 +127,7 @@ def run_active(cfg: Config) -> dict:
         cfg.labeler.judge.max_tokens if cfg.labeler.kind != "oracle" else 0, cache_path, controller_config(cfg))
     labels_before = ray.get(coordinator.budget_state.remote())["labels"]
     plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
-    print(f"[actprm] run dir {run_dir}\n[actprm] plan:\n{plan.describe()}", flush=True)
+    print(f"[actprm] plan:\n{plan.describe()}", flush=True)
     dataset = plan.apply(read_pool_rows(index, num_cpus=cfg.pipeline.map_num_cpus,
                                         max_retries=cfg.pipeline.map_max_retries))
 
@@ -145,6 +147,7 @@ def run_active(cfg: Config) -> dict:
     pq.write_table(table, run_dir / "outcomes.parquet")
     summary = summarize(cfg, run_dir, table, counts, snapshot, result, time.time() - started, labels_before)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["report"] = str(write_run_report(run_dir))
     return summary
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actprm_ray.config import Config, load_config
+from actprm_ray.config import Config, load_config, run_directory
 from actprm_ray.data.shards import Chunk, filesystem, list_shards, plan_chunks, read_chunk
 from actprm_ray.ledger import run_ledger_uri, shards_folder
 from actprm_ray.pipeline.plan import Plan, StageSpec
@@ -346,7 +346,7 @@ def build_filter_plan(cfg: Config, model_dir: Path, version: int, *, source: str
 
 def _defaults(cfg: Config, args: FilterArgs) -> FilterArgs:
     """The embedded default: synthetic pool and fresh heads on model.backbone, under <run.output_dir>/<run.name>."""
-    run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    run_dir = run_directory(cfg)
     output = args.output or str(run_dir / "filter")
     checkpoint, data = args.checkpoint, args.input
     if not checkpoint or not data:

@@ -15,7 +15,7 @@ import numpy as np
 
 from actprm_ray.config import Config
 from actprm_ray.label.base import OracleLabeler
-from actprm_ray.pipeline.stages import CanonicalizeStage, LabelStage, ScoreStage, SelectStage
+from actprm_ray.pipeline.stages import CanonicalizeStage, LabelStage, ScoreStage, SelectStage, arrow_lists
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Plan:
 def drop_accounted(batch: dict, ids: frozenset) -> dict:
     """Resume: rows that already have an outcome are not scored or labelled again."""
     keep = np.array([str(i) not in ids for i in batch["id"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
+    return arrow_lists({k: v[keep] for k, v in batch.items()})
 
 
 def select_batch(batch: dict, **kwargs) -> dict:

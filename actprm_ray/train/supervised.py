@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from actprm_ray.config import Config, ConfigError, load_config, save_resolved, to_dict
+from actprm_ray.config import Config, ConfigError, load_config, run_directory, save_resolved, to_dict
 from actprm_ray.data.shards import LABEL_COLUMNS, POOL_COLUMNS
 from actprm_ray.data.step_format import labels_from_first_error
 from actprm_ray.pipeline.filter import CarryCanonicalizeStage, resolve_model_dir
@@ -150,7 +150,7 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
     if cfg.selection.inline:
         raise ConfigError("supervised training trains every labelled row: selection.inline does not apply")
     started = time.time()
-    run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
              object_store_limit_mb=cfg.pipeline.object_store_limit_mb)
