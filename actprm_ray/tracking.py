@@ -28,7 +28,7 @@ INSTALL_HINT = "pip install -e '.[tracking]'"
 # train/* name <- the trainer's report key (train/loop.py: metrics()).
 STEP_METRICS = {"train/loss": "loss", "train/lr": "lr", "train/grad_norm": "grad_norm",
                 "train/rows_per_s": "train_rows_per_s", "train/rows_trained": "rows_trained",
-                "train/model_version": "version"}
+                "train/model_version": "version", "train/lag_mean": "lag_mean"}
 
 
 def enabled(cfg) -> bool:

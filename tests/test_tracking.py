@@ -107,6 +107,8 @@ def test_tensorboard_and_mlflow_read_back(ray_local, tiny_backbone_dir, tmp_path
     assert [e.step for e in tb] == steps  # one point per optimizer step
     assert [e.value for e in tb] == pytest.approx(losses, rel=1e-6)  # float32 in the event file
     assert [e.value for e in acc.Scalars("train/model_version")] == [by_step[s]["version"] for s in steps]
+    lag_means = [by_step[s]["lag_mean"] for s in steps]  # every row was scored by version 0: lag = the version
+    assert [e.value for e in acc.Scalars("train/lag_mean")] == pytest.approx(lag_means) and max(lag_means) > 0
     assert {"train/lr", "train/grad_norm", "train/rows_per_s", "run/label_rate", "run/trust_pct", "lag/mean",
             "lag/p90", "final/label_rate", "final/trust_pct", "final/pseudo_label_accuracy", "final/lag_mean"} <= tags
     assert acc.Scalars("run/label_rate")[-1].value == pytest.approx(24 / 32)

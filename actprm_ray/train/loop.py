@@ -80,6 +80,7 @@ class Worker:
         self.accounted = set(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
         self.pending: list[dict] = []  # outcomes since the last flush
         self.lags: Counter = Counter()
+        self.step_lags: list[int] = []  # lags of this optimizer step's rows (its micro-batches): "lag_mean" per step
         self.redelivered = 0
         self.over_budget = 0
         self.transient = 0
@@ -155,6 +156,7 @@ class Worker:
                 continue
             lag = self.state["version"] - int(r.get("model_version", self.state["version"]))
             self.lags[lag] += 1
+            self.step_lags.append(lag)
             if selected:
                 self.record(r, oc.TRAINED)
                 self.state["rows_trained"] += 1
@@ -228,7 +230,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def metrics(final: bool = False) -> dict:
         return {"step": w.state["step"], "version": w.state["version"], "loss": w.last_loss,
                 "lr": w.scheduler.get_last_lr()[0], "grad_norm": w.grad_norm, "rows_trained": w.state["rows_trained"],
-                "train_rows_per_s": w.rows_here() / max(w.busy_s, 1e-9), "final": final}
+                "train_rows_per_s": w.rows_here() / max(w.busy_s, 1e-9),
+                # this worker's rows in this step: trainer version minus the version that scored them (None: none)
+                "lag_mean": sum(w.step_lags) / len(w.step_lags) if w.step_lags else None, "final": final}
 
     def report(final: bool = False, checkpoint=None) -> None:
         # One report carries every step since the last (MetricsLog writes a line per step): a report waits for
@@ -304,6 +308,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         w.busy_s += time.perf_counter() - started
         w.state["step"] += 1
         w.history.append(metrics())
+        w.step_lags = []
         if t.step_delay_s:
             time.sleep(t.step_delay_s)
         if w.state["step"] % t.publish_every == 0:
