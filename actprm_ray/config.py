@@ -36,7 +36,7 @@ class ModelConfig:
     max_length: int = 2048  # right truncation for training and loop scoring (no truncation at evaluation)
     trust_remote_code: bool = False  # run code shipped with a checkpoint; off unless you trust its author
     gradient_checkpointing: bool = False  # trade compute for memory in the trainer
-    attn_implementation: str = "sdpa"  # attention kernel of the trainer's backbone (flash_attention_2 needs a GPU, bf16/fp16 and the flash-attn package)
+    attn_implementation: str = "sdpa"  # attention kernel of the backbone, in the trainer and the scorers (flash_attention_2 needs a GPU, bf16/fp16 and the flash-attn package)
 
 
 @dataclass

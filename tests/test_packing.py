@@ -81,3 +81,23 @@ def test_score_stage_packs(model_and_rows, tmp_path):
     assert stage.pack_tokens == 1024
     worst = max(abs(a - b) for p, q in zip(padded["step_mean"], packed["step_mean"]) for a, b in zip(p, q))
     assert worst <= 1e-5
+
+
+def test_score_stage_uses_the_configured_attention(tiny_backbone_dir, tmp_path):
+    """model.attn_implementation reaches the scorers, not only the trainer (it was a trainer-only key), and the
+    kernel changes no score: eager and sdpa agree."""
+    import numpy as np
+
+    from actprm_ray.pipeline.stages import ScoreStage
+
+    ckpt = EnsemblePRM.from_backbone(tiny_backbone_dir, PRMConfig(n_heads=2, init_seed=0)).save_pretrained(
+        tmp_path / "ckpt")
+    stages = {attn: ScoreStage(str(ckpt), attn_implementation=attn) for attn in ("eager", "sdpa")}
+    assert {a: s.model.backbone.config._attn_implementation for a, s in stages.items()} == {"eager": "eager",
+                                                                                          "sdpa": "sdpa"}
+    ids = stages["eager"].model.tokenizer("1+1=2<extra_0>2+2=4<extra_0>")["input_ids"]
+    sep = stages["eager"].model.tokenizer.convert_tokens_to_ids("<extra_0>")
+    batch = {"id": np.array(["a"], dtype=object), "input_ids": [ids],
+             "readout_positions": [[i for i, t in enumerate(ids) if t == sep]], "valid": np.ones(1, dtype=bool)}
+    means = [list(s(dict(batch))["step_mean"][0]) for s in stages.values()]
+    assert len(means[0]) == 2 and max(abs(a - b) for a, b in zip(*means)) < 1e-5

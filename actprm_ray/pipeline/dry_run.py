@@ -36,10 +36,9 @@ def trainer_estimate(cfg: Config, arch: mem.Arch) -> Estimate:
 
 def scorer_estimate(cfg: Config, arch: mem.Arch) -> Estimate:
     m, p = cfg.model, cfg.pipeline
-    # ScoreStage loads the checkpoint with transformers' default attention (sdpa), not model.attn_implementation.
     parts = mem.scorer_estimate(arch, dtype=m.dtype, n_heads=m.n_heads, head_hidden=m.head_hidden,
                                 batch=p.score_batch_size, max_length=m.max_length, pack_tokens=p.score_pack_tokens,
-                                attn="sdpa", publish=cfg.train.publish)
+                                attn=m.attn_implementation, publish=cfg.train.publish)
     rows = f"packs of {p.score_pack_tokens} tokens" if p.score_pack_tokens else f"batch {p.score_batch_size}"
     detail = f"{m.dtype}, {rows} x {m.max_length} tokens, publish={cfg.train.publish}"
     if p.score_num_gpus <= 0:

@@ -111,12 +111,13 @@ class FilterScoreStage(ScoreStage):
     reruns) and stamps the checkpoint's model_version on every row."""
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int, dtype: str, model_version: int, unbiased_std: bool,
-                 torch_threads: int | None = None, pack_tokens: int = 0):
+                 torch_threads: int | None = None, pack_tokens: int = 0, attn_implementation: str | None = None):
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
-        super().__init__(checkpoint_dir, batch_size=batch_size, dtype=dtype, pack_tokens=pack_tokens)
+        super().__init__(checkpoint_dir, batch_size=batch_size, dtype=dtype, pack_tokens=pack_tokens,
+                         attn_implementation=attn_implementation)
         self.model.config.unbiased_std = unbiased_std  # the σ estimator is a selection setting (config), not a weight
         self.model_version = model_version
 
@@ -333,7 +334,7 @@ def build_filter_plan(cfg: Config, model_dir: Path, version: int, *, source: str
         ChunkStage("score", FilterScoreStage,
                    dict(checkpoint_dir=str(model_dir), batch_size=p.score_batch_size, dtype=cfg.model.dtype,
                         model_version=version, unbiased_std=s.unbiased_std, torch_threads=torch_threads,
-                        pack_tokens=p.score_pack_tokens),
+                        pack_tokens=p.score_pack_tokens, attn_implementation=cfg.model.attn_implementation),
                    num_cpus=p.score_num_cpus, num_gpus=p.score_num_gpus, actors=(1, p.score_actors),
                    remote_args=restart),
         StageSpec("select", finish_chunk,

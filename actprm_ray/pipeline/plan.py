@@ -122,7 +122,8 @@ def build_active_plan(cfg: Config, *, init_dir: str, coordinator_name: str, acco
         coordinator = ray.get_actor(coordinator_name, namespace="actprm") if coordinator_name else None
         stages.append(StageSpec(
             "score", ScoreStage, dict(checkpoint_dir=init_dir, batch_size=p.score_batch_size, coordinator=coordinator,
-                                      dtype=cfg.model.dtype, pack_tokens=p.score_pack_tokens),
+                                      dtype=cfg.model.dtype, pack_tokens=p.score_pack_tokens,
+                                      attn_implementation=cfg.model.attn_implementation),
             batch_size=p.score_batch_size, num_cpus=p.score_num_cpus, num_gpus=p.score_num_gpus,
             actors=(1, p.score_actors), remote_args=restart))
         from actprm_ray.pipeline.coordinator import CoordinatorController

@@ -132,11 +132,12 @@ class ScoreStage:
     required = ("id", "input_ids", "readout_positions", "valid")
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int = 16, coordinator=None, device: str | None = None,
-                 dtype: str = "float32", pack_tokens: int = 0):
+                 dtype: str = "float32", pack_tokens: int = 0, attn_implementation: str | None = None):
         from actprm_ray.model.ensemble_prm import EnsemblePRM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = EnsemblePRM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model = EnsemblePRM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation).to(self.device)
         self.batch_size, self.coordinator, self.version = batch_size, coordinator, 0
         self.pack_tokens = pack_tokens
 
