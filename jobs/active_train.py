@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from actprm_ray.config import parse_args  # noqa: E402
 from actprm_ray.pipeline.active import run_active  # noqa: E402
-from actprm_ray.tracking import log_summary  # noqa: E402
 from actprm_ray.pipeline.run_report import verdict  # noqa: E402
 
 
@@ -31,9 +30,7 @@ def main() -> None:
         argv.remove("--dry_run")
         config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
         raise SystemExit(dry_run(parse_args(argv), config_path))
-    cfg = parse_args(argv)
-    summary = run_active(cfg)
-    log_summary(cfg, summary)  # tracking on: summary.json's figures and the file to TensorBoard / MLflow
+    summary = run_active(parse_args(argv))
     keys = ("rows_read", "outcomes", "labels_used", "trust_pct", "pseudo_label_accuracy", "model_versions_published",
             "lag_histogram", "wall_time_s", "checkpoint")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))

@@ -19,6 +19,7 @@ from actprm_ray.pipeline.run_report import write_run_report
 from actprm_ray.label.cache import LabelCache
 from actprm_ray.ledger import grants_folder, run_ledger_uri
 from actprm_ray.select import wilson_interval
+from actprm_ray.tracking import log_summary
 
 # Paper cost model (METHOD §7): C ≈ 1,920 generated judge tokens per critique.
 TOKENS_PER_CRITIQUE = 1920
@@ -147,6 +148,7 @@ def run_active(cfg: Config) -> dict:
     pq.write_table(table, run_dir / "outcomes.parquet")
     summary = summarize(cfg, run_dir, table, counts, snapshot, result, time.time() - started, labels_before)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log_summary(cfg, summary)  # tracking on: summary.json's figures and the file to TensorBoard / MLflow
     summary["report"] = str(write_run_report(run_dir))
     return summary
 
