@@ -2,7 +2,7 @@
 
 One run of the loop (`run_active`, its own local Ray) over a synthetic pool where a fraction of rows is broken
 (empty steps, whitespace-only steps, an empty question, a step too long for max_length, first_error_step out of
-range). Labels come from a real HTTP judge on loopback (`actprm_ray.testing.JudgeServer`) that answers 500,
+range). Labels come from a real HTTP judge on loopback (`tests/fake_judge.py`) that answers 500,
 drops the connection or writes garbage at random. Mid-run, a scorer actor is SIGKILLed, then a labeler actor.
 
 It reports, and checks (exit 1 if any fails): the accounting identity, one outcome per row, every bad row
@@ -26,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+# The fake judge and the actor killer are test fakes: they live in tests/ (not shipped in the package), which is
+# not a package itself, so its folder goes on the path as pytest puts it there for the tests.
+sys.path.insert(0, str(REPO / "tests"))
 
 BAD_KINDS = {
     "empty_steps": lambda r: {**r, "steps": []},
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from actprm_ray.config import load_config
     from actprm_ray.pipeline.active import run_active
     from actprm_ray.pipeline.coordinator import coordinator_name
-    from actprm_ray.testing import JudgeServer, kill_when
+    from fake_judge import FakeJudge
+    from fault_injection import kill_when
 
     work = Path(a.work)
     name = f"soak_{a.rows}_{int(time.time())}"
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = make_pool(a.rows, a.bad_rate, pool, a.seed)
     rate = a.judge_fault_rate / 3
     in_flight = 8  # labeler.judge.http.max_concurrency (the default), one labeler
-    with JudgeServer({"error500": rate, "drop": rate, "garbage": rate}, seed=a.seed, latency_s=0.02) as judge:
+    faults = {"error500": rate, "drop": rate, "garbage": rate}
+    with FakeJudge(fault_rates=faults, seed=a.seed, latency_s=0.02) as judge:
         cfg = load_config(None, [
             f"run.name={name}", f"run.output_dir={work}", f"data.pool={pool}", "model.n_heads=8",
             "labeler.kind=http", "labeler.judge.judge_id=soak-judge", "labeler.judge.model=soak-judge",
@@ -111,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "rows": a.rows, "wall_s": wall, "bad_rows": dict(Counter(bad.values())), "outcomes": summary["outcomes"],
         "checks": checks, "bad_rows_not_invalid": bad_not_invalid,
-        "judge_requests_by_fault": dict(judge.faults), "judge_billed_critiques": sum(judge.calls.values()),
+        "judge_requests_by_fault": dict(judge.replies), "judge_billed_critiques": sum(judge.calls.values()),
         "judge_repaid_requests": repaid,
         "labels_used": summary["labels_used"], "label_failed_reasons": dict(failed_reasons),
         "killed_pids": killed, "trainer": summary["trainer"], "run_dir": summary["run_dir"],
     }
     print(f"\nsoak: {a.rows} rows in {wall:.0f}s  outcomes {summary['outcomes']}")
-    print(f"judge requests by fault {dict(judge.faults)}; billed critiques {report['judge_billed_critiques']}"
+    print(f"judge requests by fault {dict(judge.replies)}; billed critiques {report['judge_billed_critiques']}"
           f" (paid twice: {repaid})")
     print(f"{'check':<30} ok")
     for k, v in checks.items():

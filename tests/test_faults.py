@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fake_judge import FakeJudge
+from fault_injection import kill_when
 
 from actprm_ray.config import load_config
 from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
-from actprm_ray.testing import JudgeServer, kill_when
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ IN_FLIGHT = 2  # labeler.judge.http.max_concurrency here: requests one labeler h
 @pytest.fixture
 def judge_server():
     # A judge that thinks a little, so requests are in flight when the kill lands.
-    with JudgeServer(latency_s=0.05) as srv:
+    with FakeJudge(latency_s=0.05) as srv:
         yield srv
 
 
@@ -187,7 +188,7 @@ def test_budget_is_exact_with_permanent_and_transient_failures_and_a_warm_cache(
     from actprm_ray.pipeline.active import run_active
 
     cap, warm = 40, 10
-    with JudgeServer(fault_rates={"garbage": 0.2}, seed=3, latency_s=0.02) as srv:
+    with FakeJudge(fault_rates={"garbage": 0.2}, seed=3, latency_s=0.02) as srv:
         # Warm the shared label cache with another run's labels over the pool's first rows (the stream order is
         # not fixed, so a budget would not say which rows).
         run_active(load_config(None, _ledger_overrides(tmp_path, "warm", srv, f"data.limit={warm}")))
@@ -218,7 +219,7 @@ def test_budget_is_exact_with_permanent_and_transient_failures_and_a_warm_cache(
 
 def test_coordinator_killed_mid_run_rebuilds_from_the_ledger(ray_local, tmp_path):
     cap = 40
-    with JudgeServer(latency_s=0.02) as srv:
+    with FakeJudge(latency_s=0.02) as srv:
         overrides = _ledger_overrides(tmp_path, "kill_coord", srv, f"budget.max_labels={cap}")
         summary = _run_and_kill(tmp_path, "kill_coord", overrides,
                                 [("RunCoordinator", lambda s: s.get("labelled", 0) >= 16)])
@@ -237,7 +238,7 @@ def test_losing_the_labeler_node_mid_run(tmp_path):
     stream would fail the run. Every row has one outcome, and the judge was paid twice only for requests in flight.
     With a finite `pipeline.max_task_retries` (2, the old default) the retries ran out while the actor was
     unreachable and the execution aborted (measured 2026-12-03)."""
-    with JudgeServer(latency_s=0.05) as srv:
+    with FakeJudge(latency_s=0.05) as srv:
         overrides = _overrides(tmp_path, "node_loss", *_http_judge(srv), "pipeline.label_num_gpus=1",
                                "pipeline.label_num_cpus=0")
         env = {**os.environ, **RAY_ENV_DEFAULTS, "PYTHONUNBUFFERED": "1"}

@@ -1,24 +1,22 @@
-"""HttpJudgeLabeler against a misbehaving local HTTP server (retries, timeouts, failures as data) and against a
-REAL `vllm serve` of the tiny model on loopback, both started and stopped by the fixtures here."""
+"""HttpJudgeLabeler against the fake judge misbehaving on purpose (tests/fake_judge.py: retries, timeouts, failures
+as data) and against a REAL `vllm serve` of the tiny model on loopback, both started and stopped by the fixtures
+here."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections import Counter
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
+from fake_judge import INCORRECT_AT_2, FakeJudge
 
 from actprm_ray.label.base import LocalBudget
 from actprm_ray.label.cache import LabelCache
@@ -26,15 +24,6 @@ from actprm_ray.label.http_judge import HttpJudgeLabeler, RateLimiter, _retry_af
 from actprm_ray.label.judge import HttpJudgeConfig, JudgeConfig
 
 SECRET = "sk-test-0123456789abcdef"
-CRITIQUE = "<analysis_1>ok</analysis_1><analysis_2>3+4 is 7, not 8</analysis_2>" \
-           "<conclusion>Incorrect: paragraph 2</conclusion>"
-# What a 200 answer says in the modes that test the judge's words, not the transport.
-CONTENT = {
-    "garbage": "\x00\ufffd lorem ipsum }{ <analysis_2 <conclusion Incorrect",
-    "thinkonly": "<think>Paragraph 2 looks wrong... <conclusion>Correct</conclusion> but let me re-che",
-    "outofrange": "<analysis_1>ok</analysis_1><analysis_7>bad</analysis_7>"
-                  "<conclusion>Incorrect: paragraph 7</conclusion>",
-}
 
 
 def make_batch(n: int, offset: int = 0):
@@ -53,102 +42,16 @@ def make_batch(n: int, offset: int = 0):
 # ---- a misbehaving OpenAI-compatible server -------------------------------------------------------------------
 
 
-class Misbehaving(BaseHTTPRequestHandler):
-    """The first path segment picks the behaviour: ok, flaky (500 twice, then ok), always500, ratelimited (429
-    with Retry-After), hang (sleeps past the client timeout), drop (closes without answering), truncated (closes
-    mid-body), echo400 (400 echoing the Authorization header), reasoning (thinking returned apart from the
-    answer), reasoningonly (thinking and no answer), retryafter / retrydate (one 429 asking for 1-2 s, as
-    seconds / as an HTTP-date, then ok), retrylong (429 asking for an hour), notjson, malformed (no choices),
-    badusage (token counts that are not numbers), and the CONTENT modes (200 with that critique).
-
-    A segment "mode~tag" behaves as "mode" with its own hit counter, for modes whose answer depends on it."""
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def _reply(self, code: int, payload, headers=None):
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):
-        srv = self.server
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        key = self.path.strip("/").split("/")[0]
-        mode = key.split("~")[0]
-        with srv.lock:
-            srv.hits[key] += 1
-            srv.bodies.append(body)
-            srv.auth.append(self.headers.get("Authorization"))
-            hit = srv.hits[key]
-        ok = {"choices": [{"message": {"role": "assistant", "content": CRITIQUE}, "finish_reason": "stop"}],
-              "usage": {"prompt_tokens": 50, "completion_tokens": 20}}
-        if mode == "ok" or (mode == "flaky" and hit > 2) or (mode in ("retryafter", "retrydate") and hit > 1):
-            self._reply(200, ok)
-        elif mode in CONTENT:
-            msg = {"role": "assistant", "content": CONTENT[mode]}
-            self._reply(200, {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": ok["usage"]})
-        elif mode == "retryafter":
-            self._reply(429, {"error": "slow down"}, {"Retry-After": "1"})
-        elif mode == "retrydate":
-            self._reply(429, {"error": "slow down"}, {"Retry-After": formatdate(time.time() + 2, usegmt=True)})
-        elif mode == "retrylong":
-            self._reply(429, {"error": "slow down"}, {"Retry-After": "3600"})
-        elif mode in ("flaky", "always500"):
-            self._reply(500, {"error": "internal"})
-        elif mode == "ratelimited":
-            self._reply(429, {"error": "slow down"}, {"Retry-After": "0"})
-        elif mode == "hang":
-            time.sleep(1.5)
-            self._reply(200, ok)
-        elif mode == "drop":
-            self.close_connection = True  # answer nothing; the client sees the connection close
-        elif mode == "truncated":
-            body = json.dumps(ok).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body[: len(body) // 2])  # half the promised body, then the socket closes
-            self.close_connection = True
-        elif mode == "notjson":
-            self._reply(200, b"<html><body>502 Bad Gateway</body></html>")
-        elif mode == "malformed":
-            self._reply(200, {"choices": [], "usage": ok["usage"]})
-        elif mode == "badusage":
-            self._reply(200, {**ok, "usage": {"prompt_tokens": "many", "completion_tokens": None}})
-        elif mode == "echo400":
-            self._reply(400, {"error": f"bad request from {self.headers.get('Authorization')}"})
-        elif mode == "reasoning":
-            msg = {"role": "assistant", "reasoning": "Draft <conclusion>Correct</conclusion>", "content": CRITIQUE}
-            self._reply(200, {"choices": [{"message": msg, "finish_reason": "stop"}], "usage": ok["usage"]})
-        elif mode == "reasoningonly":  # a reasoning model that spent max_tokens thinking: no answer at all
-            msg = {"role": "assistant", "reasoning": "Paragraph 1 <conclusion>Correct</conclusion>", "content": None}
-            self._reply(200, {"choices": [{"message": msg, "finish_reason": "length"}], "usage": ok["usage"]})
-        else:
-            self._reply(404, {"error": "no such mode"})
-
-
 @pytest.fixture(scope="module")
 def fake_server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
-    srv.daemon_threads = True
-    srv.lock, srv.hits, srv.bodies, srv.auth = threading.Lock(), Counter(), [], []
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    """The fake judge (tests/fake_judge.py); each test picks its behaviour by the mode in the base_url's path."""
+    with FakeJudge(critique=INCORRECT_AT_2) as srv:
+        yield srv
 
 
 def fake_labeler(srv, mode: str, *, retries: int = 2, timeout_s: float = 5.0, max_backoff_s: float = 0.05,
                  budget=None, **judge_kw) -> HttpJudgeLabeler:
-    http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{srv.server_address[1]}/{mode}/v1", model="fake-judge",
+    http = HttpJudgeConfig(base_url=srv.url(mode), model="fake-judge",
                            qps=0, max_concurrency=4, timeout_s=timeout_s, max_retries=retries, backoff_s=0.01,
                            max_backoff_s=max_backoff_s)
     return HttpJudgeLabeler(JudgeConfig(judge_id="fake", http=http, **judge_kw), budget=budget)
@@ -181,7 +84,7 @@ def test_flaky_server_is_retried_until_it_answers(fake_server):
 
 
 @pytest.mark.parametrize("mode,words", [
-    ("always500", "HTTP 500"),
+    ("error500", "HTTP 500"),
     ("ratelimited", "HTTP 429"),
     ("hang", "timeout after 0.3s"),
     ("drop", "connection error (RemoteProtocolError"),
@@ -204,7 +107,7 @@ def test_retries_and_errors_are_counted_into_the_shared_budget(fake_server):
     budget = LocalBudget()
     ok = fake_labeler(fake_server, "ok", budget=budget)
     ok(make_batch(2, offset=300))
-    failing = fake_labeler(fake_server, "always500", retries=2, budget=budget)
+    failing = fake_labeler(fake_server, "error500", retries=2, budget=budget)
     failing(make_batch(1, offset=310))
     c = budget.counters
     assert c["requests"] == 3 and c["ok"] == 2 and c["transient"] == 1 and c["call_errors"] == 1
@@ -279,7 +182,7 @@ def test_responses_without_the_api_shape_fail_at_once(fake_server, mode, words):
 
 def test_client_error_is_not_retried_and_the_key_never_leaks(fake_server, monkeypatch):
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
-    http = HttpJudgeConfig(base_url=f"http://127.0.0.1:{fake_server.server_address[1]}/echo400/v1",
+    http = HttpJudgeConfig(base_url=fake_server.url("echo400"),
                            api_key_env="JUDGE_TEST_KEY", qps=0, max_retries=3, backoff_s=0.01)
     labeler = HttpJudgeLabeler(JudgeConfig(judge_id="fake", http=http))
     before = fake_server.hits["echo400"]

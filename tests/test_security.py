@@ -10,15 +10,14 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import types
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from fake_judge import INCORRECT_AT_2, FakeJudge
 
 from actprm_ray.config import ConfigError, load_config, resolve_output_path, to_yaml
 from actprm_ray.label.cache import LabelCache
@@ -179,45 +178,13 @@ def test_no_dynamic_code_or_unsafe_deserialisation_in_the_label_package():
 # ---- API keys only from the environment -----------------------------------------------------------------------
 
 
-class _EchoingJudge(BaseHTTPRequestHandler):
-    """A hostile judge that echoes the Authorization header back: in a 400 (ECHO400 rows), in a 500 that is
-    retried and then given up (ECHO500), and inside an otherwise good critique (ECHO200)."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
-        auth = self.headers.get("Authorization", "")
-        self.server.auth.append(auth)
-        critique = "<analysis_1>ok</analysis_1><analysis_2>wrong</analysis_2>" \
-                   "<conclusion>Incorrect: paragraph 2</conclusion>"
-        if "ECHO400" in prompt:
-            code, payload = 400, {"error": f"bad key {auth}"}
-        elif "ECHO500" in prompt:
-            code, payload = 500, {"error": f"upstream rejected {auth}"}
-        else:
-            text = f"<analysis_1>seen {auth}</analysis_1>{critique[len('<analysis_1>ok</analysis_1>'):]}" \
-                if "ECHO200" in prompt else critique
-            code, payload = 200, {"choices": [{"message": {"content": text}, "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 30, "completion_tokens": 12}}
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
 @pytest.fixture()
 def echoing_judge():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingJudge)
-    srv.daemon_threads, srv.auth = True, []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    """A hostile judge that echoes the Authorization header back: in a 400 (ECHO400 rows), in a 500 that is
+    retried and then given up (ECHO500), and inside an otherwise good critique (ECHO200)."""
+    modes = {"ECHO400": "echo400", "ECHO500": "echo500", "ECHO200": "echo200"}
+    with FakeJudge(critique=INCORRECT_AT_2, prompt_modes=modes) as srv:
+        yield srv
 
 
 def _texts_holding(root: Path, marker: str) -> list[str]:
@@ -242,10 +209,9 @@ def test_the_api_key_reaches_the_judge_and_nothing_we_write(ray_local, echoing_j
                  steps=[f"Start with {i}.", "Add 4 to get 9.", "So 9."], first_error_step=-1, selected=True)
             for i, tag in enumerate(["ECHO400", "ECHO500", "ECHO200", "plain"] * 2)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    port = echoing_judge.server_address[1]
     cfg = load_config(None, [
         "labeler.kind=http", "labeler.judge.judge_id=echo", "labeler.judge.model=echo",
-        f"labeler.judge.http.base_url=http://127.0.0.1:{port}/v1", f"labeler.judge.http.api_key_env={KEY_ENV}",
+        f"labeler.judge.http.base_url={echoing_judge.base_url}", f"labeler.judge.http.api_key_env={KEY_ENV}",
         "labeler.judge.http.qps=0", "labeler.judge.http.max_retries=1", "labeler.judge.http.backoff_s=0.01",
         "labeler.judge.http.timeout_s=30", "labeler.judge.cache_path=cache/judge",
         "pipeline.label_batch_size=4"])
