@@ -24,6 +24,9 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+NO_STATE_API = "http://127.0.0.1:1"  # a closed port: see init_ray
+
+
 def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0,
              object_store_limit_mb: int | None = 100, block_size_kb: int | None = 256) -> None:
     """Attach to RAY_ADDRESS when set (job submit, a running cluster), else start a local instance."""
@@ -45,6 +48,12 @@ def init_ray(*, num_cpus: int | None = None, no_progress_timeout_s: float = 60.0
             ray.init()
         else:
             env = {k: os.environ[k] for k in (*RAY_ENV_DEFAULTS, "HF_HUB_DISABLE_PROGRESS_BARS") if k in os.environ}
+            # No dashboard here, so no state API. Ray Train's PlacementGroupCleaner asks the state API whether our
+            # Train controller is alive; left to find one, it reaches any dashboard on this machine (a user's
+            # `ray start --head`, 127.0.0.1:8265), which does not know our controller, so "dead", and it removes
+            # our training's placement group: seen here killing a run while another cluster ran beside it.
+            # Pointing it at a closed port makes every lookup "unavailable", on which it just keeps waiting.
+            env["RAY_API_SERVER_ADDRESS"] = NO_STATE_API
             runtime_env = {"env_vars": env, "worker_process_setup_hook": "actprm_ray.pipeline.ray_env.quiet_workers"}
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
