@@ -54,13 +54,22 @@ def trainer_time(summary: dict) -> dict:
     return {"seconds": parts, "idle_pct": 100 * parts.get("wait", 0.0) / total if total else None}
 
 
-def _plots(out: Path, curve: list[dict], losses: list[dict], summary: dict, timing: dict) -> list[str]:
+def _plots(out: Path, curve: list[dict], losses: list[dict], summary: dict, timing: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers / CI
     import matplotlib.pyplot as plt
 
-    names = []
+    for name, draw in (("selection.png", lambda: _selection_figure(plt, curve)),
+                       ("loss.png", lambda: _loss_figure(plt, losses)),
+                       ("pipeline.png", lambda: _pipeline_figure(plt, summary, timing))):
+        fig = draw()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+
+def _selection_figure(plt, curve: list[dict]):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     x = [b["rows_before"] + b["rows"] / 2 for b in curve]
     top.plot(x, [100 * b["label_rate"] for b in curve], "o-", label="labelled (sent to the judge)")
@@ -81,11 +90,10 @@ def _plots(out: Path, curve: list[dict], losses: list[dict], summary: dict, timi
     versions = top.secondary_xaxis("top")
     versions.set_xticks([b["rows_before"] + b["rows"] / 2 for b in shown],
                         labels=[f"v{b['versions'][0]}" for b in shown], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "selection.png", dpi=100)
-    plt.close(fig)
-    names.append("selection.png")
+    return fig
 
+
+def _loss_figure(plt, losses: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = [m["step"] for m in losses]
     ax.plot(steps, [m["loss"] for m in losses], lw=0.8, alpha=0.5, label="loss per step")
@@ -97,11 +105,10 @@ def _plots(out: Path, curve: list[dict], losses: list[dict], summary: dict, timi
     ax.set_ylabel("training loss")
     ax.set_title("Trainer loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-    names.append("loss.png")
+    return fig
 
+
+def _pipeline_figure(plt, summary: dict, timing: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     lags = {int(k): v for k, v in summary["lag_histogram"].items()}
     left.bar(list(lags), list(lags.values()), color="tab:purple")
@@ -113,11 +120,7 @@ def _plots(out: Path, curve: list[dict], losses: list[dict], summary: dict, timi
     right.set_xlabel("seconds (all workers)")
     idle = timing["idle_pct"]
     right.set_title("Trainer time" + (f": {idle:.0f}% waiting for rows" if idle is not None else ""))
-    fig.tight_layout()
-    fig.savefig(out / "pipeline.png", dpi=100)
-    plt.close(fig)
-    names.append("pipeline.png")
-    return names
+    return fig
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
