@@ -18,7 +18,7 @@ setup:
 run: setup
 	$(VENV)/python jobs/active_train.py $(ARGS)
 
-# Everything but the `extended` tier (CI's 30-minute budget on 2 cores).
+# Everything but the `extended` tier (CI runs this on a fresh 2-core machine and must finish in 45 minutes, install included).
 test: setup
 	$(VENV)/python -m pytest -q -rs --durations=25 -m "not extended" $(PYTEST_ARGS)
 

@@ -14,11 +14,11 @@ import pytest
 
 from actprm_ray.data import interop
 from actprm_ray.data.interop import POOL_SCHEMA, read_pool
+from actprm_ray.eval.samples import shared_data_dir
 
 datasets = pytest.importorskip("datasets", reason="the `hf` extra (datasets, trl) is not installed")
 
-REPO = Path(__file__).resolve().parents[1]
-PROCESSBENCH_GSM8K = REPO.parent / "shared" / "data" / "processbench" / "gsm8k.jsonl"
+PROCESSBENCH_GSM8K = shared_data_dir() / "processbench" / "gsm8k.jsonl"  # ../shared/data or $ACTPRM_SHARED_DATA
 SEP = "<extra_0>"
 
 POOL = [

@@ -96,4 +96,11 @@ def test_ray_job_submit_active_train(head_node, tmp_path):
     assert summary["run_dir"] == str(run_dir) and Path(summary["checkpoint"]).is_relative_to(run_dir)
     assert (run_dir / "outcomes.parquet").is_file() and (Path(summary["checkpoint"]) / "config.json").is_file()
     assert summary["rows_read"] == 48 and summary["identity_holds"]
+    # Clean logs off a TTY (a job's stdout is a log): no progress-bar redraws, no repeated Ray warnings. Before the
+    # fix the same job printed thousands of lines (bars redrawn per update, one cleaner warning every few s).
+    log = proc.stdout.splitlines()
+    print(f"job log: {len(log)} lines")
+    assert "row/s]" not in proc.stdout and "it/s]" not in proc.stdout, "a progress bar reached the job log"
+    assert "Failed to query Ray Train Controller" not in proc.stdout
+    assert len(log) < 400, len(log)
     assert summary["outcomes"]["trained"] + summary["outcomes"]["confident"] + summary["outcomes"]["invalid_input"] == 48

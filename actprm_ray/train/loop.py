@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    """One Ray Train worker's state: model, optimiser, outcome log, counters."""
+    """One Ray Train worker: model, optimiser, outcome log and counters, and what it sends out (published weights,
+    reports, checkpoints). TrainRows feeds it; train_loop_per_worker is the loop between the two."""
 
     def __init__(self, cfg: Config, run_dir: Path, coordinator_name: str):
         import ray
@@ -101,6 +102,96 @@ class Worker:
 
     def rows_here(self) -> int:
         return self.state["rows_trained"] - self.rows_at_start
+
+    # -- weights out: publish, report, checkpoint ---------------------------------------------------------------
+    def sync_version(self) -> None:
+        """Scorers must get this group's weights under a version above anything published before: after a restore
+        (driver rerun, mid-run group restart) or a fresh start over a lost attempt's weights (its checkpoint never
+        committed), the coordinator's latest can be ahead of our state. Rank 0's view is broadcast so ranks agree."""
+        import ray
+
+        latest = ray.get(self.coordinator.latest.remote())[0] if self.rank == 0 else 0
+        version = torch.tensor([max(latest, self.state["version"])], dtype=torch.long)
+        if self.world > 1:
+            dist.broadcast(version, src=0)
+        if self.restored or int(version.item()) > self.state["version"]:
+            self.state["version"] = int(version.item())
+            self.publish()
+
+    def publish(self) -> None:
+        import ray
+        from safetensors.torch import save_file
+
+        self.state["version"] += 1
+        state = sharding.gather_state(self.model, self.core, self.cfg.train.publish)  # sharded: a collective
+        if self.rank == 0:
+            weights = self.run_dir / "weights"
+            path = weights / f"v{self.state['version']:06d}.safetensors"
+            weights.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(path))
+            ray.get(self.coordinator.publish.remote(self.state["version"], str(path)))
+            # Scorers poll often; keep a short tail for in-flight loads.
+            (weights / f"v{self.state['version'] - 3:06d}.safetensors").unlink(missing_ok=True)
+
+    def metrics(self, final: bool = False) -> dict:
+        s = self.state
+        return {"step": s["step"], "version": s["version"], "loss": self.last_loss,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": self.grad_norm, "rows_trained": s["rows_trained"],
+                "train_rows_per_s": self.rows_here() / max(self.busy_s, 1e-9),
+                # this worker's rows in this step: trainer version minus the version that scored them (None: none)
+                "lag_mean": sum(self.step_lags) / len(self.step_lags) if self.step_lags else None, "final": final}
+
+    def report(self, final: bool = False, checkpoint=None) -> None:
+        """One report carries every step since the last (MetricsLog writes a line per step): a report waits for the
+        Train controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so one per step would cost more than the
+        step (B5 measured 65 s of a 108 s run in per-5-step reports)."""
+        import ray.train
+
+        history, self.history = self.history, []
+        with self.timed("report") if checkpoint is None else contextlib.nullcontext():  # else: checkpoint's time
+            ray.train.report({**self.metrics(final), "history": history}, checkpoint=checkpoint)
+
+    def checkpoint(self, final: bool = False) -> None:
+        from ray.train import Checkpoint
+
+        self.flush()
+        with self.timed("checkpoint"), tempfile.TemporaryDirectory() as tmp:
+            state = sharding.gather_state(self.model, self.core, "full")  # sharded: a collective, so on every rank
+            if self.rank == 0:
+                self.core.save_pretrained(Path(tmp) / "model", state_dict=state)
+                (Path(tmp) / "trainer_state.json").write_text(json.dumps(self.state))
+            # Each rank's own optimizer state (its shard under FSDP), restored by the same rank on resume.
+            torch.save({"optimizer": sharding.local_optimizer_state(self.optimizer),
+                        "scheduler": self.scheduler.state_dict()}, Path(tmp) / f"optim_rank{self.rank}.pt")
+            self.report(final, checkpoint=Checkpoint.from_directory(tmp))
+
+    def after_optimizer_step(self) -> None:
+        """Count the step, then publish, checkpoint and report on their cadences. Every rank reaches each of them at
+        the same step (the micro-batches run in lockstep), as the collectives and ray.train.report require."""
+        t = self.cfg.train
+        self.state["step"] += 1
+        self.history.append(self.metrics())
+        self.step_lags = []
+        if t.step_delay_s:
+            time.sleep(t.step_delay_s)
+        if self.state["step"] % t.publish_every == 0:
+            with self.timed("publish"):
+                self.publish()
+        if self.state["step"] % t.checkpoint_every == 0:
+            self.checkpoint()
+        elif t.report_every and self.state["step"] % t.report_every == 0:
+            self.report()
+        if self.rank == 0:
+            self.coordinator.add.remote({"trained_steps": 1})
+
+    def write_stats(self) -> None:
+        """This worker's counters for the driver's summary (trainer/rank<r>.json)."""
+        stats = {"lags": {str(k): v for k, v in sorted(self.lags.items())}, "redelivered": self.redelivered,
+                 "over_budget": self.over_budget, "transient": self.transient,
+                 "busy_s": self.busy_s, "phase_s": dict(self.phase_s), "rows_trained_here": self.rows_here(),
+                 "empty_steps": self.state["empty_steps"]}
+        (self.run_dir / "trainer").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "trainer" / f"rank{self.rank}.json").write_text(json.dumps(stats))
 
     # -- outcomes ----------------------------------------------------------------------------------------------
     def record(self, row: dict, outcome: str, reason: str = "", **extra) -> None:
@@ -193,10 +284,62 @@ def _rows(batch: dict) -> list[dict]:
     return [{k: batch[k][i] for k in batch} for i in range(n)]
 
 
+class TrainRows:
+    """This worker's shard of the labelled stream, as micro-batches of trainable rows. Every other row's outcome
+    is recorded on the way (Worker.triage), the labels the budget granted are reported consumed, and with a
+    budget the stream stops once every granted label has arrived."""
+
+    def __init__(self, w: Worker, shard):
+        self.w, self.size = w, w.cfg.train.micro_batch_size
+        self.stream = iter(shard.iter_batches(batch_size=self.size, batch_format="numpy", prefetch_batches=1))
+        self.buffer: list[dict] = []
+        self.stream_done = self.budget_done = False
+        self.budgeted = w.cfg.budget.max_labels is not None or w.cfg.budget.max_judge_tokens is not None
+        self.last_rows: list[dict] = []
+
+    def pull(self) -> None:
+        import ray
+
+        w = self.w
+        try:
+            with w.timed("wait"):
+                batch = next(self.stream)
+        except StopIteration:
+            self.stream_done = True
+            return
+        w.coordinator.add.remote({"pulled": len(batch["id"])})
+        granted_keys = []  # every row the budget granted reaches here, whatever its label's fate
+        for row in _rows(batch):
+            if w.triage(row):
+                self.buffer.append(row)
+            if row.get("label_status") in GRANTED_STATUSES and row.get("label_key"):
+                granted_keys.append(str(row["label_key"]))
+        if granted_keys:
+            w.coordinator.consume.remote(granted_keys)
+        if self.budgeted:
+            self.budget_done = ray.get(w.coordinator.all_granted_consumed.remote())
+
+    def next_micro_batch(self) -> list[dict] | None:
+        """The next micro-batch, or None once every rank is out of rows. Join semantics for uneven shards: every
+        rank steps while any rank has data; an empty rank runs a zero-weight dummy batch so DDP's all-reduce still
+        matches (METHOD §5: 0·Σz keeps the graph connected)."""
+        while len(self.buffer) < self.size and not self.stream_done and not self.budget_done:
+            self.pull()
+        rows, self.buffer = self.buffer[: self.size], self.buffer[self.size:]
+        have = torch.tensor([1 if rows else 0], dtype=torch.long)
+        if self.w.world > 1:
+            dist.all_reduce(have, op=dist.ReduceOp.MAX)
+        if int(have.item()) == 0:
+            return None
+        if rows:
+            self.last_rows = rows
+            return rows
+        # A rank that never got a trainable row still joins, with a one-token dummy row (zero weight).
+        return [{**self.last_rows[0], "_dummy": True}] if self.last_rows else [_dummy_row(self.w.core)]
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray
     import ray.train
-    from ray.train import Checkpoint
     from ray.train.v2._internal.execution import context as train_context
 
     # Train logs every report's metrics at INFO, in one line: with the per-step history a report carries, that
@@ -204,132 +347,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
     cfg = _from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"])
-    w = Worker(cfg, run_dir, loop_config["coordinator_name"])
     t = cfg.train
-    shard = ray.train.get_dataset_shard("train")
-    stream = iter(shard.iter_batches(batch_size=t.micro_batch_size, batch_format="numpy", prefetch_batches=1))
-    buffer: list[dict] = []
-    stream_done = budget_done = False
+    w = Worker(cfg, Path(loop_config["run_dir"]), loop_config["coordinator_name"])
+    rows_in = TrainRows(w, ray.train.get_dataset_shard("train"))
+    w.sync_version()
     micro = 0
-    last_rows: list[dict] = []
-
-    def publish() -> None:
-        w.state["version"] += 1
-        state = sharding.gather_state(w.model, w.core, t.publish)  # sharded: a collective, so on every rank
-        if w.rank == 0:
-            from safetensors.torch import save_file
-
-            path = run_dir / "weights" / f"v{w.state['version']:06d}.safetensors"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(path))
-            ray.get(w.coordinator.publish.remote(w.state["version"], str(path)))
-            old = run_dir / "weights" / f"v{w.state['version'] - 3:06d}.safetensors"
-            old.unlink(missing_ok=True)  # scorers poll often; keep a short tail for in-flight loads
-
-    def metrics(final: bool = False) -> dict:
-        return {"step": w.state["step"], "version": w.state["version"], "loss": w.last_loss,
-                "lr": w.scheduler.get_last_lr()[0], "grad_norm": w.grad_norm, "rows_trained": w.state["rows_trained"],
-                "train_rows_per_s": w.rows_here() / max(w.busy_s, 1e-9),
-                # this worker's rows in this step: trainer version minus the version that scored them (None: none)
-                "lag_mean": sum(w.step_lags) / len(w.step_lags) if w.step_lags else None, "final": final}
-
-    def report(final: bool = False, checkpoint=None) -> None:
-        # One report carries every step since the last (MetricsLog writes a line per step): a report waits for
-        # the Train controller's poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so one per step would cost
-        # more than the step (B5 measured 65 s of a 108 s run in per-5-step reports).
-        history, w.history = w.history, []
-        with w.timed("report") if checkpoint is None else contextlib.nullcontext():  # else: in checkpoint's time
-            ray.train.report({**metrics(final), "history": history}, checkpoint=checkpoint)
-
-    def checkpoint(final: bool = False) -> None:
-        w.flush()
-        with w.timed("checkpoint"), tempfile.TemporaryDirectory() as tmp:
-            state = sharding.gather_state(w.model, w.core, "full")  # sharded: a collective, so on every rank
-            if w.rank == 0:
-                w.core.save_pretrained(Path(tmp) / "model", state_dict=state)
-                (Path(tmp) / "trainer_state.json").write_text(json.dumps(w.state))
-            # Each rank's own optimizer state (its shard under FSDP), restored by the same rank on resume.
-            torch.save({"optimizer": sharding.local_optimizer_state(w.optimizer),
-                        "scheduler": w.scheduler.state_dict()}, Path(tmp) / f"optim_rank{w.rank}.pt")
-            report(final, checkpoint=Checkpoint.from_directory(tmp))
-
-    # Scorers must get this group's weights under a version above anything published before: after a restore
-    # (driver rerun, mid-run group restart) or a fresh start over a lost attempt's weights (its checkpoint never
-    # committed), the coordinator's latest can be ahead of our state. Rank 0's view is broadcast so ranks agree.
-    latest = ray.get(w.coordinator.latest.remote())[0] if w.rank == 0 else 0
-    version = torch.tensor([max(latest, w.state["version"])], dtype=torch.long)
-    if w.world > 1:
-        dist.broadcast(version, src=0)
-    if w.restored or int(version.item()) > w.state["version"]:
-        w.state["version"] = int(version.item())
-        publish()
-
-    while True:
-        # Fill the buffer with trainable rows; record every other row's outcome on the way.
-        while len(buffer) < t.micro_batch_size and not stream_done and not budget_done:
-            try:
-                with w.timed("wait"):
-                    batch = next(stream)
-            except StopIteration:
-                stream_done = True
-                break
-            w.coordinator.add.remote({"pulled": len(batch["id"])})
-            granted_keys = []  # every row the budget granted reaches here, whatever its label's fate
-            for row in _rows(batch):
-                if w.triage(row):
-                    buffer.append(row)
-                if row.get("label_status") in GRANTED_STATUSES and row.get("label_key"):
-                    granted_keys.append(str(row["label_key"]))
-            if granted_keys:
-                w.coordinator.consume.remote(granted_keys)
-            if cfg.budget.max_labels is not None or cfg.budget.max_judge_tokens is not None:
-                budget_done = ray.get(w.coordinator.all_granted_consumed.remote())
-        rows, buffer = buffer[: t.micro_batch_size], buffer[t.micro_batch_size:]
-        # Join semantics for uneven shards: every rank steps while any rank has data; empty ranks run a
-        # zero-weight dummy batch so DDP's all-reduce still matches (METHOD §5: 0·Σz keeps the graph connected).
-        have = torch.tensor([1 if rows else 0], dtype=torch.long)
-        if w.world > 1:
-            dist.all_reduce(have, op=dist.ReduceOp.MAX)
-        if int(have.item()) == 0:
-            break
-        if rows:
-            last_rows = rows
-        if not rows:
-            # A rank that never got a trainable row still joins, with a one-token dummy row (zero weight).
-            rows = [{**last_rows[0], "_dummy": True}] if last_rows else [_dummy_row(w.core)]
+    while (rows := rows_in.next_micro_batch()) is not None:
         started = time.perf_counter()
         w.step(rows)
         micro += 1
-        if micro % t.grad_accum:
-            w.busy_s += time.perf_counter() - started
-            continue
-        w.grad_norm = optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
+        boundary = micro % t.grad_accum == 0
+        if boundary:
+            w.grad_norm = optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
         w.busy_s += time.perf_counter() - started
-        w.state["step"] += 1
-        w.history.append(metrics())
-        w.step_lags = []
-        if t.step_delay_s:
-            time.sleep(t.step_delay_s)
-        if w.state["step"] % t.publish_every == 0:
-            with w.timed("publish"):
-                publish()
-        if w.state["step"] % t.checkpoint_every == 0:
-            checkpoint()
-        elif t.report_every and w.state["step"] % t.report_every == 0:
-            # Metrics-only report: every rank reaches it at the same step (lockstep above), as report() requires.
-            report()
-        if w.rank == 0:
-            w.coordinator.add.remote({"trained_steps": 1})
-
+        if boundary:
+            w.after_optimizer_step()
     # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
-    stats = {"lags": {str(k): v for k, v in sorted(w.lags.items())}, "redelivered": w.redelivered,
-             "over_budget": w.over_budget, "transient": w.transient,
-             "busy_s": w.busy_s, "phase_s": dict(w.phase_s), "rows_trained_here": w.rows_here(),
-             "empty_steps": w.state["empty_steps"]}
-    (run_dir / "trainer").mkdir(parents=True, exist_ok=True)
-    (run_dir / "trainer" / f"rank{w.rank}.json").write_text(json.dumps(stats))
-    checkpoint(final=True)
+    w.write_stats()
+    w.checkpoint(final=True)
 
 
 def _from_dict(d: dict) -> Config:
