@@ -8,7 +8,6 @@ on to the trainer, which records its outcome (one stream, so accounting stays 1:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
