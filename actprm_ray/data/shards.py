@@ -77,11 +77,13 @@ def resolve_pool(cfg: Config, run_dir: Path) -> str:
     """Return the pool path; materialise the synthetic pool (deterministic from its seed) when none is given."""
     if cfg.data.pool:
         return cfg.data.pool
-    from actprm_ray.data.synthetic import generate_pool, write_pool
+    from actprm_ray.data.synthetic import MIXES, generate_pool, write_pool
 
-    path = run_dir / f"synthetic_pool_{cfg.data.synthetic_rows}_{cfg.data.synthetic_seed}.parquet"
+    d = cfg.data
+    mix = "" if d.synthetic_mix == "default" else f"_{d.synthetic_mix}"  # default: the file name it always had
+    path = run_dir / f"synthetic_pool_{d.synthetic_rows}_{d.synthetic_seed}{mix}.parquet"
     if not path.exists():
-        write_pool(generate_pool(cfg.data.synthetic_rows, seed=cfg.data.synthetic_seed), path)
+        write_pool(generate_pool(d.synthetic_rows, seed=d.synthetic_seed, mix=MIXES[d.synthetic_mix]), path)
     return str(path)
 
 
