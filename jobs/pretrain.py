@@ -1,8 +1,9 @@
 """Pretrain the tiny backbone as a causal LM on unlabeled correct synthetic solutions (no step labels).
 
-    python jobs/pretrain.py                                   # runs/backbones/tiny_math: ~6 min on 2 cores
+    python jobs/pretrain.py                                   # ~/.cache/actprm_ray/models/tiny_math: ~6-9 min on 2 cores
+    python jobs/pretrain.py out_dir=runs/backbones/tiny_math  # the directory docs/RESULTS.md's commands name
     python jobs/pretrain.py rows=2048 out_dir=/tmp/tiny_math  # a small one (CI size), ~20 s
-    python jobs/active_train.py model.backbone=runs/backbones/tiny_math
+    python jobs/active_train.py model.backbone=tiny-math      # the default's backbone: this job's default output
 
 Any PretrainConfig field as key=value. The directory is reused when its pretrain.json holds the same config,
 so rerunning is free. It prints the held-out LM metrics before and after (loss, next-token accuracy, accuracy

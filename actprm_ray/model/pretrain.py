@@ -34,7 +34,7 @@ HELDOUT_SEED = PRETRAIN_SEED + 1
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = "runs/backbones/tiny_math"  # written atomically; reused when its pretrain.json matches
+    out_dir: str = ""  # "" = <models cache>/tiny_math (what `model.backbone=tiny-math` uses); written atomically
     size: str = "tiny"  # a model.tiny.SIZES key
     mix: str = "addsub"  # a data.synthetic.MIXES key; rows are drawn with correct_share = 1 (no errors)
     rows: int = 42_048  # unlabeled correct solutions, one pass each per epoch
@@ -129,19 +129,38 @@ def evaluate_lm(model, tokenizer, seqs: list[list[int]], batch_size: int = 64) -
                 result_digit_accuracy=res_hit / max(res_tok, 1), result_digits=int(res_tok))
 
 
-def pretrain_backbone(cfg: PretrainConfig) -> Path:
-    """Build (or reuse) the pretrained tiny backbone described by `cfg`; return its directory."""
+def backbone_dir(cfg: PretrainConfig) -> Path:
+    """Where `cfg`'s backbone lives: its out_dir, or by default the models cache that also holds the imported
+    GGUF models ($ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models): one backbone shared by every run."""
+    from actprm_ray.model.import_gguf import models_dir
+
+    return Path(cfg.out_dir).expanduser() if cfg.out_dir else models_dir() / "tiny_math"
+
+
+def is_built(cfg: PretrainConfig) -> bool:
+    """True when the backbone `cfg` describes is already built (pretrain_backbone then only returns its path)."""
+    record = backbone_dir(cfg) / "pretrain.json"
+    return record.is_file() and json.loads(record.read_text()).get("config") == _recorded_config(cfg)
+
+
+def _recorded_config(cfg: PretrainConfig) -> dict:
+    wanted = dataclasses.asdict(cfg)
+    wanted.pop("out_dir")
+    return wanted
+
+
+def pretrain_backbone(cfg: PretrainConfig, report=log.info) -> Path:
+    """Build (or reuse) the pretrained tiny backbone described by `cfg`; return its directory. `report(msg)` gets
+    the progress lines (a job passes print: its users do not see INFO logs)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actprm_ray.model.ensemble_prm import add_separator_token
     from actprm_ray.model.tiny import build_tiny_backbone
 
-    out = Path(cfg.out_dir)
-    wanted = dataclasses.asdict(cfg)
-    wanted.pop("out_dir")
-    record = out / "pretrain.json"
-    if record.is_file() and json.loads(record.read_text()).get("config") == wanted:
+    out = backbone_dir(cfg)
+    wanted = _recorded_config(cfg)
+    if is_built(cfg):
         return out
     if out.exists():
         raise FileExistsError(f"{out} holds a different backbone (its pretrain.json config differs); "
@@ -158,8 +177,8 @@ def pretrain_backbone(cfg: PretrainConfig) -> Path:
     train = _encode(tokenizer, _solutions(cfg.rows, cfg.data_seed, cfg.mix), cfg)
     heldout = _encode(tokenizer, _solutions(cfg.heldout_rows, HELDOUT_SEED, cfg.mix), cfg)
     before = evaluate_lm(model, tokenizer, heldout)
-    log.info("pretraining %s on %d correct solutions x %d epochs; held-out before: %s", cfg.size, len(train),
-             cfg.epochs, before)
+    report(f"pretraining {cfg.size} on {len(train)} correct solutions x {cfg.epochs} epochs into {out}; "
+           f"held-out before: {before}")
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -180,10 +199,10 @@ def pretrain_backbone(cfg: PretrainConfig) -> Path:
             sched.step()
             step += 1
             if cfg.log_every and step % cfg.log_every == 0:
-                log.info("pretrain step %d/%d epoch %d loss %.4f (%.0f s)", step, total, epoch, loss.item(),
-                         time.time() - model_t0)
+                report(f"pretrain step {step}/{total} epoch {epoch} loss {loss.item():.4f} "
+                       f"({time.time() - model_t0:.0f} s)")
     after = evaluate_lm(model, tokenizer, heldout)
-    log.info("held-out after: %s", after)
+    report(f"held-out after: {after}")
 
     final = work / "backbone"
     model.save_pretrained(final, safe_serialization=True)

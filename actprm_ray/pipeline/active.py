@@ -36,11 +36,14 @@ def prepare_initial_model(cfg: Config, run_dir: Path) -> Path:
     m = cfg.model
     backbone = m.backbone
     if backbone == "tiny-math":
-        # Pretrained once per output directory (jobs/pretrain.py defaults), then reused by every run there.
-        from actprm_ray.model.pretrain import PretrainConfig, pretrain_backbone
+        # Pretrained once into the models cache (jobs/pretrain.py's defaults), then reused by every run.
+        from actprm_ray.model.pretrain import PretrainConfig, backbone_dir, is_built, pretrain_backbone
 
-        backbone = str(pretrain_backbone(PretrainConfig(out_dir=str(run_directory(cfg).parent / "backbones" / "tiny_math"),
-                                                        sep=m.sep, system_prompt=m.system_prompt)))
+        pretrain = PretrainConfig(sep=m.sep, system_prompt=m.system_prompt)
+        if not is_built(pretrain):
+            print(f"[actprm] first use of model.backbone=tiny-math: pretraining it (~6-9 min on 2 cores, once; "
+                  f"cached in {backbone_dir(pretrain)})", flush=True)
+        backbone = str(pretrain_backbone(pretrain, report=lambda msg: print(f"[actprm] {msg}", flush=True)))
     elif backbone.startswith("tiny"):
         size = backbone.split(":", 1)[1] if ":" in backbone else "tiny"
         backbone = str(build_tiny_backbone(run_dir / f"backbone_{size}", size=size, seed=cfg.run.seed))
