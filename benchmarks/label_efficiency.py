@@ -1,6 +1,6 @@
 """Label efficiency at small scale (issue 7, METHOD §10): active vs random vs full-data, on CPU.
 
-    python benchmarks/label_efficiency.py            # full experiment (sized for <= 45 min on 2 idle cores)
+    python benchmarks/label_efficiency.py            # issue 17 headline: 10,000 rows x 5 seeds x 4 arms (~1.5 h, resumable)
     python benchmarks/label_efficiency.py --quick    # CI smoke run (<= 5 min): 1 seed, tiny pool, 3 arms
 
 Every arm is one streaming run (`run_active`) over the same synthetic pool with the oracle labeler, in one
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actprm_ray.eval.curves import f1_at_budget, labels_to_reach, plot_label_efficiency  # noqa: E402
+from actprm_ray.eval.curves import f1_at_budget, labels_to_reach, plot_label_efficiency, surprise_reference, t_interval  # noqa: E402
 
 TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm_ray.pipeline.active
 
@@ -61,6 +61,7 @@ class Plan:
     arms: list[Arm]
     n_heads: int
     budget_fracs: list[float]
+    recipe: list[str] = field(default_factory=list)  # config overrides of every run: backbone, learning rates
     micro_batch: int = 8
 
     @property
@@ -69,21 +70,37 @@ class Plan:
         return max(1, round(self.budget_fracs[0] * self.pool_rows / self.micro_batch))
 
 
+# The recipe chosen on validation pools (docs/RESULTS.md, "Recipe probes" and "Second probe round"): the
+# pretrained tiny backbone, backbone lr 3e-4, head lr 3e-3, 20 warm-up steps, then a constant LR
+# (total_steps far beyond any run). The same for every arm, so curves differ only by which rows were labelled.
+PRETRAINED_RECIPE = ["train.lr=3e-4", "train.head_lr=3e-3", "train.warmup_steps=20", "train.total_steps=100000"]
+
+
 def make_plan(quick: bool) -> Plan:
-    """The arms. `random` is matched to the lowest label rate among the streaming active arms of the same seed
-    (at the paper thresholds a barely-trained tiny ensemble is uncertain about almost every row, so matching
-    to that arm would make random == all)."""
+    """The arms. `random` is matched to the label rate of the paper-threshold `active` arm of the same seed.
+
+    The full plan is issue 17's headline through the streaming loop: 10,000-row pools, 5 seeds, the pretrained
+    backbone and recipe of the pool simulation (benchmarks/pool_sim.py runs the threshold grid and ablations
+    through the same step, loss and selection code). `--quick` is CI's structural check: the random-init tiny
+    backbone (no pretraining), 320 rows, 1 seed."""
     active = Arm("active", ["selection.mode=active", "selection.delta_pred=0.95", "selection.delta_std=0.005"])
-    wide = Arm("active_dp0.9_ds0.05", ["selection.mode=active", "selection.delta_pred=0.9", "selection.delta_std=0.05"])
-    rand = Arm("random", ["selection.mode=random"], match_rate_of="active*")
+    rand = Arm("random", ["selection.mode=random"], match_rate_of="active")
     full = Arm("all", ["selection.mode=all"])
     if quick:
         return Plan(pool_rows=320, test_rows=100, seeds=[0], arms=[active, rand, full], n_heads=4,
-                    budget_fracs=[0.25, 0.5, 0.75, 1.0])
-    inline = Arm("active_inline", ["selection.mode=active", "selection.delta_pred=0.95", "selection.delta_std=0.005",
-                                   "selection.inline=true"])
-    return Plan(pool_rows=2000, test_rows=300, seeds=[0, 1, 2], arms=[active, wide, rand, full, inline], n_heads=8,
-                budget_fracs=[0.1 * i for i in range(1, 11)])
+                    budget_fracs=[0.25, 0.5, 0.75, 1.0],
+                    recipe=["model.backbone=tiny", "train.lr=3e-3", "train.warmup_steps=10"])
+    inline = Arm("active_inline", [*active.overrides, "selection.inline=true"])
+    return Plan(pool_rows=10_000, test_rows=300, seeds=[0, 1, 2, 3, 4], arms=[active, rand, full, inline], n_heads=8,
+                budget_fracs=[0.05 * i for i in range(1, 21)],
+                recipe=[f"model.backbone={pretrained_backbone()}", *PRETRAINED_RECIPE])
+
+
+def pretrained_backbone() -> Path:
+    """runs/backbones/tiny_math (jobs/pretrain.py's default), built on first use (~6-9 min on 2 cores)."""
+    from actprm_ray.model.pretrain import PretrainConfig, pretrain_backbone
+
+    return pretrain_backbone(PretrainConfig(out_dir=str(ROOT / "runs" / "backbones" / "tiny_math")))
 
 
 # --- keeping every checkpoint -------------------------------------------------------------------------------
@@ -142,14 +159,6 @@ def evaluate_checkpoint(model_dir: Path, test_rows: list[dict], tau: float = 0.5
     return first_error_metrics([int(r["first_error_step"]) for r in test_rows], preds)
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 # --- one run ------------------------------------------------------------------------------------------------
 def run_arm(plan: Plan, arm: Arm, seed: int, pool_path: Path, work: Path, extra: list[str]) -> dict:
     from actprm_ray.config import DEFAULT_CONFIG, load_config
@@ -164,11 +173,11 @@ def run_arm(plan: Plan, arm: Arm, seed: int, pool_path: Path, work: Path, extra:
     steps_all = math.ceil(plan.pool_rows / plan.micro_batch)
     overrides = [
         f"run.name={name}", f"run.output_dir={work}", f"run.seed={seed}", f"data.pool={pool_path}",
-        f"model.init_seed={seed}", f"model.n_heads={plan.n_heads}", "model.backbone=tiny", "model.max_length=512",
-        f"selection.seed={seed}", "train.lr=3e-3", "train.publish_every=4", "train.warmup_steps=10",
-        # One LR schedule for every arm (the full-data arm's length): at equal labels every arm has seen the
-        # same learning rate, so the curves differ only by which rows were labelled.
-        f"train.total_steps={steps_all}", f"train.micro_batch_size={plan.micro_batch}",
+        f"model.init_seed={seed}", f"model.n_heads={plan.n_heads}", "model.max_length=512",
+        f"selection.seed={seed}", "train.publish_every=4",
+        # One LR schedule for every arm (the full-data arm's length; the recipe may override it): at equal labels
+        # every arm has seen the same learning rate, so the curves differ only by which rows were labelled.
+        f"train.total_steps={steps_all}", *plan.recipe, f"train.micro_batch_size={plan.micro_batch}",
         f"train.checkpoint_every={plan.checkpoint_every}", "pipeline.status_every_s=30",
         "pipeline.no_progress_timeout_s=300",
         # Small pools of short rows fit the default 100 MB object-store budget whole: the scorer then scores the
@@ -211,71 +220,119 @@ def evaluate_run(run: dict, run_dir: Path, test_rows: list[dict]) -> list[dict]:
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def aggregate(plan: Plan, results: dict) -> dict:
-    """Per arm: F1 at each budget (mean/std over seeds); the headline comparisons of the issue."""
+def run_stats(run: dict, work: Path) -> dict:
+    """What summary.json says about one finished run: trust, pseudo-label accuracy on trusted rows, staleness."""
+    path = work / f"{run['arm']}_s{run['seed']}" / "summary.json"
+    s = json.loads(path.read_text()) if path.is_file() else {}
+    return {"trust_pct": s.get("trust_pct", math.nan), "lag_mean": s.get("lag_mean", math.nan),
+            "pseudo_label_accuracy": math.nan if s.get("pseudo_label_accuracy") is None else s["pseudo_label_accuracy"]}
+
+
+def _finite(xs: list[float]) -> list[float]:
+    return [x for x in xs if x is not None and not math.isnan(x)] or [math.nan]
+
+
+def aggregate(plan: Plan, results: dict, work: Path) -> dict:
+    """Per arm: mean F1 [95% t-interval over seeds] at each budget and at the end, label rate, trust; per seed, the
+    labels needed to reach the same seed's full-data final F1; paired-by-seed differences (issue 17 (a)-(c))."""
     budgets = [round(f * plan.pool_rows) for f in plan.budget_fracs]
     arms = {}
     for arm, runs in results.items():
         rows = []
         for b in budgets:
-            vals = [f1_at_budget(r["points"], b) for r in runs]
             # A run that stopped before this budget (active arms label < 100%) has no point there.
-            reached = [v for v, r in zip(vals, runs) if v is not None and r["run"]["labels_used"] >= b]
-            m, s = mean_std(reached) if reached else (None, None)
-            rows.append({"labels": b, "frac": b / plan.pool_rows, "f1_mean": m, "f1_std": s, "n": len(reached)})
-        finals = [r["points"][-1]["f1"] for r in runs]
-        arms[arm] = {"budgets": rows, "final_f1": mean_std(finals),
-                     "labels_used": mean_std([r["run"]["labels_used"] for r in runs]),
-                     "label_rate": mean_std([r["run"]["label_rate"] for r in runs]),
-                     "wall_time_s": mean_std([r["run"]["wall_time_s"] for r in runs])}
+            reached = [f1_at_budget(r["points"], b) for r in runs if r["run"]["labels_used"] >= b]
+            rows.append({"labels": b, "frac": b / plan.pool_rows, "f1": t_interval(reached) if reached else None,
+                         "n": len(reached)})
+        stats = [run_stats(r["run"], work) for r in runs]
+        arms[arm] = {"budgets": rows, "final_f1": t_interval([r["points"][-1]["f1"] for r in runs]),
+                     "labels_used": t_interval([r["run"]["labels_used"] for r in runs]),
+                     "label_rate": t_interval([r["run"]["label_rate"] for r in runs]),
+                     "trust_pct": t_interval(_finite([s["trust_pct"] for s in stats])),
+                     "pseudo_label_accuracy": t_interval(_finite([s["pseudo_label_accuracy"] for s in stats])),
+                     "lag_mean": t_interval(_finite([s["lag_mean"] for s in stats])),
+                     "wall_time_s": t_interval([r["run"]["wall_time_s"] for r in runs]),
+                     "seeds": [r["run"]["seed"] for r in runs]}
+    return {"budgets": budgets, "arms": arms, "headline": headline(plan, results)}
+
+
+def headline(plan: Plan, results: dict) -> dict:
+    """Issue 17's questions, every comparison paired by seed (runs of the same seed share pool and init)."""
+    by_seed = {arm: {r["run"]["seed"]: r for r in runs} for arm, runs in results.items()}
+    half = round(0.5 * plan.pool_rows)
     head = {}
-    if "all" in results:
-        target = arms["all"]["final_f1"][0]
-        for arm, runs in results.items():
-            # labels > 0 only: the random-init model (labels = 0) can score above a weak full-data arm by chance
-            reach = [labels_to_reach([p for p in r["points"] if p["labels"] > 0], target) for r in runs]
-            head[f"labels_to_full_f1/{arm}"] = reach
-        half = round(0.5 * plan.pool_rows)
-        pairs = [(a, "random") for a in results if a.startswith("active") and "inline" not in a]
-        pairs += [("active", "active_inline"), ("active", "all")]
-        for mine, other in pairs:
-            if mine in results and other in results:
-                diffs = []
-                for ra, rb in zip(results[mine], results[other]):
-                    a, b = f1_at_budget(ra["points"], half), f1_at_budget(rb["points"], half)
-                    if a is not None and b is not None:
-                        diffs.append(a - b)
-                head[f"{mine}_minus_{other}_at_50pct"] = mean_std(diffs) if diffs else None
-    return {"budgets": budgets, "arms": arms, "headline": head}
+    if "all" in by_seed:
+        for arm, runs in by_seed.items():
+            # (a) labels > 0 only: the initial model can score above a weak full-data arm by chance
+            head[f"labels_to_full_f1/{arm}"] = {
+                seed: labels_to_reach([p for p in r["points"] if p["labels"] > 0],
+                                      by_seed["all"][seed]["points"][-1]["f1"])
+                for seed, r in runs.items() if seed in by_seed["all"]}
+
+    def paired(a: str, b: str, at) -> dict | None:
+        if a not in by_seed or b not in by_seed:
+            return None
+        diffs = {}
+        for seed in sorted(set(by_seed[a]) & set(by_seed[b])):
+            ra, rb = by_seed[a][seed], by_seed[b][seed]
+            x = at(ra, rb)
+            fa, fb = f1_at_budget(ra["points"], x), f1_at_budget(rb["points"], x)
+            if fa is not None and fb is not None:
+                diffs[seed] = fa - fb
+        return {"per_seed": diffs, "mean_ci": t_interval(list(diffs.values()))} if diffs else None
+
+    head["active_minus_random_at_50pct"] = paired("active", "random", lambda a, b: half)  # (b)
+    head["active_minus_all_at_50pct"] = paired("active", "all", lambda a, b: half)
+    head["active_minus_all_final"] = paired("active", "all", lambda a, b: plan.pool_rows)
+    # (c) inline vs streaming at equal labels: at the labels the inline run used in all (it stops labelling early)
+    head["inline_minus_streaming_at_inline_labels"] = paired(
+        "active_inline", "active", lambda a, b: min(a["run"]["labels_used"], b["run"]["labels_used"]))
+    return {k: v for k, v in head.items() if v is not None}
 
 
-def write_markdown(plan: Plan, agg: dict, path: Path) -> None:
+def _cell(v) -> str:
+    if v is None:
+        return "—"
+    m, lo, hi = v
+    return "—" if math.isnan(m) else (f"{m:.3f}" if math.isnan(lo) else f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
+
+
+def write_markdown(plan: Plan, agg: dict, path: Path, reference: dict | None) -> None:
     names = list(agg["arms"])
-    lines = ["| labels (% of pool) | judge tokens | " + " | ".join(names) + " |",
-             "|---|---|" + "---|" * len(names)]
+    lines = ["F1 at a label budget, mean [95% t-interval] over the seeds that reached it:", "",
+             "| labels (% of pool) | judge tokens | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for i, b in enumerate(agg["budgets"]):
-        cells = []
-        for n in names:
-            r = agg["arms"][n]["budgets"][i]
-            cells.append("—" if r["f1_mean"] is None else f"{r['f1_mean']:.3f} ± {r['f1_std']:.3f}")
+        cells = [_cell(agg["arms"][n]["budgets"][i]["f1"]) for n in names]
         lines.append(f"| {b} ({100 * b / plan.pool_rows:.0f}%) | {b * TOKENS_PER_CRITIQUE:,} | " + " | ".join(cells) + " |")
-    lines += ["", "| arm | labels used (mean) | label rate | final F1 (mean ± std) | wall s / run |", "|---|---|---|---|---|"]
+    lines += ["", "| arm | label rate | final F1 | trusted % | pseudo-label acc. on trusted rows (oracle) | "
+              "mean lag (versions) | wall s / run |", "|---|---|---|---|---|---|---|"]
     for n in names:
         a = agg["arms"][n]
-        lines.append(f"| {n} | {a['labels_used'][0]:.0f} | {a['label_rate'][0]:.3f} | "
-                     f"{a['final_f1'][0]:.3f} ± {a['final_f1'][1]:.3f} | {a['wall_time_s'][0]:.0f} |")
-    lines += ["", "Headline (per seed lists / mean, std):", ""]
+        lines.append(f"| {n} | {_cell(a['label_rate'])} | {_cell(a['final_f1'])} | {_cell(a['trust_pct'])} | "
+                     f"{_cell(a['pseudo_label_accuracy'])} | {_cell(a['lag_mean'])} | {a['wall_time_s'][0]:.0f} |")
+    if reference:
+        lines += ["", f"Zero-label reference (pretrained LM surprise, {reference['detector']}): F1 {reference['f1']:.3f}."]
+    lines += ["", "Paired by seed:", ""]
     for k, v in agg["headline"].items():
-        lines.append(f"- `{k}`: {v}")
+        if k.startswith("labels_to_full_f1/"):
+            per = ", ".join(f"s{s}: {'never' if n is None else f'{100 * n / plan.pool_rows:.0f}%'}" for s, n in v.items())
+            lines.append(f"- {k}: {per}")
+        else:
+            per = ", ".join(f"s{s}: {d:+.3f}" for s, d in v["per_seed"].items())
+            lines.append(f"- {k}: {_cell(v['mean_ci'])} ({per})")
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(plan: Plan, results: dict, path: Path) -> None:
-    refs = {"full-data final F1": mean_std([r["points"][-1]["f1"] for r in results["all"]])[0]} if "all" in results else {}
+def write_plot(plan: Plan, results: dict, path: Path, reference: dict | None) -> None:
+    refs = {}
+    if "all" in results:
+        refs["full-data final F1"] = t_interval([r["points"][-1]["f1"] for r in results["all"]])[0]
+    if reference:
+        refs["zero-label LM surprise"] = reference["f1"]
     plot_label_efficiency({arm: [r["points"] for r in runs] for arm, runs in results.items()}, path,
                           pool_rows=plan.pool_rows, references=refs,
-                          title=f"Label efficiency through the streaming loop ({len(plan.seeds)} seed(s); "
-                                "band: 95% t-interval)")
+                          title=f"Label efficiency through the streaming loop ({len(plan.seeds)} seed(s), "
+                                f"{plan.pool_rows:,}-row pools; band: 95% t-interval)")
 
 
 # --- driver -------------------------------------------------------------------------------------------------
@@ -321,8 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             extra = list(args.overrides)
             if arm.match_rate_of:
-                rate = min(r["run"]["label_rate"] for a, runs in results.items() if a.startswith("active")
-                           and "inline" not in a for r in runs if r["run"]["seed"] == seed)
+                rate = next(r["run"]["label_rate"] for r in results[arm.match_rate_of] if r["run"]["seed"] == seed)
                 extra.append(f"selection.random_rate={rate:.4f}")
             run = run_arm(plan, arm, seed, pool_path, work, extra)
             points = evaluate_run(run, work / f"{arm.name}_s{seed}", test_rows)
@@ -330,12 +386,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[label_efficiency] {arm.name} seed {seed}: labels {run['labels_used']} "
                   f"final F1 {points[-1]['f1']:.3f} ({time.time() - t0:.0f}s so far)", flush=True)
     results = {a: runs for a, runs in results.items() if runs}
-    agg = aggregate(plan, results)
+    agg = aggregate(plan, results, work)
+    reference = None
+    if not args.quick:  # the quick plan's backbone is not pretrained
+        from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
+
+        reference = surprise_reference(pretrained_backbone(), test_rows, sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT)
     report = {"plan": asdict(plan), "task_mix": asdict(mix), "test_seed": 10_000, "wall_time_s": time.time() - t0,
-              "aggregate": agg, "runs": results}
+              "zero_label_reference": reference, "aggregate": agg, "runs": results}
     (out / "label_efficiency.json").write_text(json.dumps(report, indent=1, default=str))
-    write_markdown(plan, agg, out / "label_efficiency.md")
-    write_plot(plan, results, out / "label_efficiency.png")
+    write_markdown(plan, agg, out / "label_efficiency.md", reference)
+    write_plot(plan, results, out / "label_efficiency.png", reference)
     print(json.dumps(agg["headline"], indent=1), flush=True)
     return report
 

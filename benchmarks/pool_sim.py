@@ -31,6 +31,7 @@ from actprm_ray.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
 from actprm_ray.data.step_format import encode_trajectory  # noqa: E402
 from actprm_ray.eval.curves import f1_at_budget as f1_at  # noqa: E402
 from actprm_ray.eval.curves import labels_to_reach, plot_label_efficiency, t_interval  # noqa: E402
+from actprm_ray.eval.curves import surprise_reference as curve_reference  # noqa: E402
 from actprm_ray.eval.metrics import first_error_metrics, first_error_prediction  # noqa: E402
 from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig  # noqa: E402
 from actprm_ray.model.scoring import score_encoded  # noqa: E402
@@ -40,7 +41,6 @@ from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, op
 
 VALIDATION_SEED = 20_000  # recipe choices are made on this split; the test split is only reported
 TEST_SEED = 10_000
-DEFAULT_CONFIG_SEP = load_config(DEFAULT_CONFIG, []).model.sep
 
 
 def encode_rows(tokenizer, rows: list[dict], cfg: Config) -> list[dict]:
@@ -223,20 +223,11 @@ def run_grid(args, recipe: list[str]) -> dict:
 
 def surprise_reference(args) -> dict:
     """F1 of the pretrained LM's surprise detector (no labels) on the same test rows: the figure's reference line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from actprm_ray.data.synthetic import MIXES, generate_pool
-    from actprm_ray.model.pretrain import surprise_first_errors
 
+    cfg = load_config(DEFAULT_CONFIG, [])
     rows = generate_pool(args.eval_rows, seed=TEST_SEED, mix=MIXES[args.mix])
-    tokenizer = AutoTokenizer.from_pretrained(args.backbone)
-    if DEFAULT_CONFIG_SEP not in tokenizer.get_vocab():
-        return {"detector": None, "reason": "the backbone was not pretrained with the step separator"}
-    lm = AutoModelForCausalLM.from_pretrained(args.backbone)
-    preds = surprise_first_errors(lm, tokenizer, rows)
-    m = first_error_metrics([int(r["first_error_step"]) for r in rows], preds)
-    return {"detector": "first result digit with LM probability < 0.5", "f1": m["f1"], "acc_err": m["acc_err"],
-            "acc_cor": m["acc_cor"]}
+    return curve_reference(args.backbone, rows, sep=cfg.model.sep, system_prompt=cfg.model.system_prompt)
 
 
 def aggregate(runs: dict[str, list[dict]], args) -> dict:

@@ -44,9 +44,23 @@ def test_labels_to_reach_takes_the_first_crossing():
     assert le.labels_to_reach(POINTS, 0.71) is None
 
 
-def test_mean_std_is_the_sample_std():
-    assert le.mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))  # ((1-2)^2 + (3-2)^2) / (2-1) = 2
-    assert le.mean_std([0.5]) == (0.5, 0.0)
+def test_headline_pairs_runs_by_seed():
+    """Hand-worked: seed 1's active run beats random by 0.2 at 50% labels, seed 0's by 0.0; active reaches each
+    seed's own full-data final F1 (0.7, 0.6) at 120 and 80 labels."""
+    def run(arm, seed, points, labels):
+        return {"run": {"arm": arm, "seed": seed, "labels_used": labels}, "points": points}
+
+    plan = le.Plan(pool_rows=160, test_rows=10, seeds=[0, 1], arms=[], n_heads=2, budget_fracs=[0.25])
+    active = [run("active", 0, POINTS, 120), run("active", 1, [{"labels": 0, "f1": 0.0}, {"labels": 80, "f1": 0.6}], 80)]
+    random_ = [run("random", 1, [{"labels": 0, "f1": 0.0}, {"labels": 80, "f1": 0.4}], 80),
+               run("random", 0, [{"labels": 0, "f1": 0.1}, {"labels": 80, "f1": 0.4}], 80)]
+    full = [run("all", 0, [{"labels": 160, "f1": 0.7}], 160), run("all", 1, [{"labels": 160, "f1": 0.6}], 160)]
+    head = le.headline(plan, {"active": active, "random": random_, "all": full})
+    diff = head["active_minus_random_at_50pct"]
+    assert diff["per_seed"] == pytest.approx({0: 0.0, 1: 0.2})
+    assert diff["mean_ci"][0] == pytest.approx(0.1)
+    assert head["labels_to_full_f1/active"] == {0: 120, 1: 80}
+    assert head["labels_to_full_f1/random"] == {0: None, 1: None}
 
 
 def test_checkpoint_every_lands_on_the_smallest_budget():

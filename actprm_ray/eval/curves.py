@@ -86,3 +86,21 @@ def plot_label_efficiency(curves: dict[str, list[list[dict]]], path, *, pool_row
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def surprise_reference(backbone_dir, rows: list[dict], *, sep: str, system_prompt: str) -> dict:
+    """The zero-label reference line: F1 of the pretrained LM's surprise detector (model/pretrain.py, no labels)
+    on the same test rows as the curves."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actprm_ray.eval.metrics import first_error_metrics
+    from actprm_ray.model.pretrain import surprise_first_errors
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
+    if sep not in tokenizer.get_vocab():
+        return {"detector": None, "f1": None, "reason": "the backbone was not pretrained with the step separator"}
+    lm = AutoModelForCausalLM.from_pretrained(backbone_dir, use_safetensors=True)
+    preds = surprise_first_errors(lm, tokenizer, rows, sep=sep, system_prompt=system_prompt)
+    m = first_error_metrics([int(r["first_error_step"]) for r in rows], preds)
+    return {"detector": "first result digit with LM probability < 0.5", "f1": m["f1"], "acc_err": m["acc_err"],
+            "acc_cor": m["acc_cor"]}
