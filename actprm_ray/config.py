@@ -13,13 +13,15 @@ import sys
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
+from actprm_ray.eval.first_error import FORMATS
+from actprm_ray.eval.runner import BENCHMARKS, MAX_EVAL_TOKENS
 from actprm_ray.label.prompt import PROMPT_VERSION
 
 
@@ -189,7 +191,6 @@ class RunConfig:
     name: str = "default"  # one plain directory name (letters, digits, . _ -); a second run with the same name resumes
     output_dir: str = "~/actprm_results"  # parent of run directories; the default outlives the process and the cluster (as Ray Train's ~/ray_results); a relative path is taken from the launch directory, and refused in a `ray job submit` working-dir copy (deleted with the cluster)
     seed: int = 0
-    local_ray: bool = True  # start a local Ray instance when none is running (the embedded default)
     ray_num_cpus: Optional[int] = None  # CPUs for that local instance (None = all)
     allow_external_paths: bool = False  # let configured output paths (labeler.judge.cache_path) lie outside the run dir
 
@@ -205,6 +206,49 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """jobs/evaluate.py (METHOD §9). Rows per forward: pipeline.score_batch_size; the Ray scorer runs
+    pipeline.score_actors actors of pipeline.score_num_cpus CPUs and pipeline.score_num_gpus GPUs (bf16 on GPUs)."""
+
+    checkpoint: str = ""  # EnsemblePRM or Qwen2.5-Math-PRM-style directory, or "tiny" / "tiny_qwen_prm" (test models built on the fly); "" = the smoke run: "tiny" on 20 rows per subset unless eval.limit is set
+    kind: str = "auto"  # checkpoint kind; auto = detect it from config.json
+    benchmarks: List[str] = field(default_factory=lambda: ["processbench"])  # any of processbench, prmbench, first_error
+    format: Optional[str] = None  # dataset format of first_error (eval/first_error.py FORMATS, e.g. big_bench_mistake)
+    data: Optional[str] = None  # data path of a single benchmark (None = its folder under $ACTPRM_SHARED_DATA or ../shared/data)
+    limit: Optional[int] = None  # N samples per subset/category, spread over the file (first-error sets keep correct/erroneous rows in proportion); None = all
+    out: str = ""  # output directory; "" = <run dir>/eval-<time>
+    max_tokens: int = MAX_EVAL_TOKENS  # rows longer than this many tokens are reported unscorable, never truncated; 0 = no cap
+    tau: float = 0.5  # first-error threshold τ (recorded; PRMBench always uses µ > 0.5)
+    sweep_on: Optional[str] = None  # subset to fit a τ sweep on, reported apart from the τ headline (first-error protocol only)
+    scorer: str = "local"  # local: in this process; ray: the loop's Ray Data stages (EnsemblePRM only; parallel on a cluster)
+    device: Optional[str] = None  # torch device of the local scorer (None = cuda if available, else cpu)
+    system_prompt: Optional[str] = None  # replaces the checkpoint's system prompt (None = the checkpoint's)
+
+
+@dataclass
+class GenerateConfig:
+    """jobs/generate.py: policy rollouts (METHOD §8) under model.system_prompt. The defaults are the laptop run: a
+    random tiny policy on 16 GSM8K problems, on CPU; conf/generate_7b.yaml is the paper's policy on a GPU."""
+
+    model: str = "tiny"  # policy: HF id, local dir, an import_gguf name ("smollm2-135m"), or "tiny" (a random tiny policy built next to out_path)
+    policy_id: str = "tiny-random"  # short name written into `source` as "rollout:<policy_id>"
+    problems_path: str = ""  # JSONL with a "question" (or "problem") field per line; "" = problems/gsm8k/train.jsonl under $ACTPRM_SHARED_DATA or ../shared/data
+    out_path: str = ""  # output Parquet file, with <out_path>.summary.json and <out_path>.config.yaml beside it; "" = <run dir>/rollouts.parquet
+    limit: Optional[int] = 16  # first N problems only (None = all)
+    samples_per_problem: int = 1  # trajectories per problem (paper stage 1: one)
+    temperature: float = 0.5
+    top_p: float = 1.0
+    max_tokens: int = 256  # new tokens per completion; clamped to the context left after the prompt
+    seed: int = 0  # base seed; each problem draws its own from it and its id
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine
+    dtype: str = "float32"  # vLLM dtype ("auto" = the checkpoint's; float32 on CPU)
+    max_model_len: Optional[int] = 1024  # vLLM context length (None = the model's)
+    gpu_memory_utilization: float = 0.9  # vLLM share of GPU memory for weights + KV cache
+    enforce_eager: bool = True  # skip CUDA graphs (required on CPU; faster start-up for short runs)
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, passed as given
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -217,6 +261,8 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 class ConfigError(ValueError):
@@ -234,6 +280,8 @@ _CHOICES = {
     "train.parallel_strategy": ("ddp", "fsdp"),
     "labeler.kind": ("oracle", "vllm", "http"),
     "data.synthetic_mix": ("default", "addsub"),  # data.synthetic.MIXES (kept equal by tests/test_config.py)
+    "eval.kind": ("auto", "ensemble", "qwen_prm"),
+    "eval.scorer": ("local", "ray"),
 }
 
 
@@ -303,6 +351,34 @@ def _tracking_package_errors(cfg: Config) -> list[str]:
     return missing_packages(cfg)
 
 
+def _eval_errors(e: EvalConfig) -> list[str]:
+    """The evaluate job's rules: known benchmarks, and the keys that only make sense with some of them."""
+    errors = [f"eval.benchmarks: {b!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}"
+              for b in e.benchmarks if b not in BENCHMARKS]
+    if not e.benchmarks:
+        errors.append(f"eval.benchmarks is empty: name one or more of {', '.join(BENCHMARKS)}")
+    if "first_error" in e.benchmarks and e.format not in FORMATS:
+        errors.append(f"eval.format={e.format!r}: eval.benchmarks has first_error, which needs one of "
+                      f"{', '.join(sorted(FORMATS))}")
+    if e.data is not None and len(e.benchmarks) > 1:
+        errors.append("eval.data applies to one benchmark; run them separately to point each at its own data")
+    if e.sweep_on and e.benchmarks == ["prmbench"]:
+        errors.append("eval.sweep_on applies to the first-error protocol (processbench, first_error), not prmbench")
+    if e.limit is not None and e.limit < 1:
+        errors.append(f"eval.limit={e.limit}: must be >= 1, or null (all)")
+    if e.max_tokens < 0:
+        errors.append(f"eval.max_tokens={e.max_tokens}: must be >= 0 (0 = no cap)")
+    return errors
+
+
+def _generate_errors(g: GenerateConfig) -> list[str]:
+    errors = [f"generate.{name}={getattr(g, name)}: must be >= 1"
+              for name in ("samples_per_problem", "max_tokens", "tensor_parallel_size") if getattr(g, name) < 1]
+    if g.limit is not None and g.limit < 1:
+        errors.append(f"generate.limit={g.limit}: must be >= 1, or null (all)")
+    return errors
+
+
 def validate(cfg: Config) -> Config:
     """Semantic checks OmegaConf cannot express; every problem is reported in one ConfigError."""
     errors = []
@@ -346,6 +422,8 @@ def validate(cfg: Config) -> Config:
     errors += _path_errors(cfg) + _secret_errors(cfg)
     if t.checkpoints_to_keep < 1:
         errors.append(f"train.checkpoints_to_keep={t.checkpoints_to_keep}: must be >= 1")
+    if cfg.pipeline.score_batch_size < 1:
+        errors.append(f"pipeline.score_batch_size={cfg.pipeline.score_batch_size}: must be >= 1")
     for name in ("max_restarts", "max_task_retries", "map_max_retries"):
         if getattr(cfg.pipeline, name) < -1:
             errors.append(f"pipeline.{name}={getattr(cfg.pipeline, name)}: must be >= 0, or -1 for unbounded")
@@ -362,6 +440,7 @@ def validate(cfg: Config) -> Config:
     if (cfg.tracking.tensorboard or cfg.tracking.mlflow) and not cfg.tracking.experiment:
         errors.append("tracking.experiment must not be empty")
     errors += _tracking_package_errors(cfg)
+    errors += _eval_errors(cfg.eval) + _generate_errors(cfg.generate)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg

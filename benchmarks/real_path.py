@@ -74,9 +74,9 @@ def run_path(work: str | Path, size: str = "ci", *, timeout: int = 1200) -> dict
     stages = report["stages"]
 
     stages["generate"] = run_stage("generate", [
-        py, jobs / "generate.py", "model=smollm2-135m", "policy_id=smollm2-135m-instruct",
-        f"problems_path={problems}", f"out_path={rollouts}", f"limit={s['problems']}",
-        f"samples_per_problem={s['samples']}", f"max_tokens={s['policy_tokens']}", "max_model_len=1024"], work, timeout)
+        py, jobs / "generate.py", *common, f"generate.problems_path={problems}", f"generate.out_path={rollouts}",
+        f"generate.limit={s['problems']}", f"generate.samples_per_problem={s['samples']}",
+        f"generate.max_tokens={s['policy_tokens']}"], work, timeout)
     stages["generate"]["summary"] = json.loads(Path(f"{rollouts}.summary.json").read_text())
     report["paths"]["rollouts"] = str(rollouts)
 
@@ -111,8 +111,8 @@ def run_path(work: str | Path, size: str = "ci", *, timeout: int = 1200) -> dict
 
     evaluated = work / "eval"
     stages["evaluate"] = run_stage("evaluate", [
-        py, jobs / "evaluate.py", "--checkpoint", summary["checkpoint"], "--benchmark", "processbench",
-        "--limit", str(s["eval_limit"]), "--batch_size", "4", "--out", str(evaluated)], work, timeout)
+        py, jobs / "evaluate.py", f"eval.checkpoint={summary['checkpoint']}", "eval.benchmarks=[processbench]",
+        f"eval.limit={s['eval_limit']}", "pipeline.score_batch_size=4", f"eval.out={evaluated}"], work, timeout)
     stages["evaluate"]["summary"] = json.loads((evaluated / "metrics.json").read_text())
     report["paths"]["eval"] = str(evaluated)
     report["total_s"] = round(sum(v["wall_s"] for v in stages.values()), 1)

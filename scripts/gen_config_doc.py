@@ -103,6 +103,8 @@ def _default(node: ast.expr | None, constants: dict[str, object]) -> tuple[str, 
         for kw in node.keywords:
             if kw.arg == "default_factory" and isinstance(kw.value, ast.Name):
                 return _EMPTY_FACTORIES.get(kw.value.id, ""), kw.value.id
+            if kw.arg == "default_factory" and isinstance(kw.value, ast.Lambda):  # e.g. lambda: ["processbench"]
+                return _default(kw.value.body, constants)
             if kw.arg == "default":
                 return _default(kw.value, constants)
         return ast.unparse(node), None
@@ -169,6 +171,8 @@ def render(config_py: Path = CONFIG_PY) -> str:
         "Every job reads one config tree: dataclass defaults, then the YAML file given with `--config`, then",
         "`section.key=value` overrides on the command line. Unknown keys and wrong types fail with the key named;",
         "`validate()` then reports every semantic problem at once. Write `null` for None and `.inf` for infinity.",
+        "The jobs that take `[--config FILE] [a.b=c ...]`: active_train, train, filter, label, evaluate (`eval`),",
+        "generate (`generate`). Each saves the resolved config beside its outputs.",
         "",
         "| section | keys |",
         "|---|---|",

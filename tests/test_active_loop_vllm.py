@@ -25,8 +25,8 @@ def rollout_pool(tmp_path_factory) -> Path:
         pytest.skip(f"no shared data at {GSM8K_TRAIN}")
     out = tmp_path_factory.mktemp("rollouts") / "rollouts.parquet"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), f"problems_path={GSM8K_TRAIN}", f"out_path={out}",
-           "limit=8", "samples_per_problem=2", "max_tokens=48"]
+    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), f"generate.problems_path={GSM8K_TRAIN}",
+           f"generate.out_path={out}", "generate.limit=8", "generate.samples_per_problem=2", "generate.max_tokens=48"]
     proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

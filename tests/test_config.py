@@ -62,6 +62,8 @@ def test_yaml_then_dotlist_layering(tmp_path):
         (["selection.nope=1"], "selection.nope"),
         (["nope.x=1"], "nope"),
         (["labeler.judge.tempreature=0.2"], "labeler.judge.tempreature"),
+        (["eval.chekpoint=x"], "eval.chekpoint"),
+        (["generate.modle=x"], "generate.modle"),
     ],
 )
 def test_unknown_key_is_named(overrides, key):
@@ -128,6 +130,27 @@ def test_parse_args(tmp_path):
     assert cfg.model.n_heads == 4 and cfg.selection.delta_std == 0.002
     with pytest.raises(ConfigError, match="--config needs a file"):
         parse_args(["--config"])
+
+
+def test_evaluate_and_generate_read_the_one_tree():
+    """The evaluate and generate jobs' settings are sections of Config: --config file, then a.b=c overrides."""
+    cfg = parse_args(["--config", str(REPO / "conf" / "eval_7b.yaml"), "eval.checkpoint=/ckpt",
+                      "eval.benchmarks=[processbench]", "pipeline.score_batch_size=8"], default_config=None)
+    assert (cfg.eval.checkpoint, cfg.eval.benchmarks, cfg.eval.scorer) == ("/ckpt", ["processbench"], "ray")
+    assert (cfg.pipeline.score_actors, cfg.pipeline.score_num_gpus, cfg.pipeline.score_batch_size) == (8, 1.0, 8)
+    gen = parse_args(["--config", str(REPO / "conf" / "generate_7b.yaml"), "generate.limit=4"], default_config=None)
+    assert (gen.generate.model, gen.generate.limit, gen.generate.max_model_len) == ("Qwen/Qwen2.5-Math-7B-Instruct", 4, None)
+    assert load_config().generate.model == "tiny"  # the embedded default runs on a laptop
+
+
+def test_evaluate_and_generate_errors_are_reported_with_the_rest():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["eval.benchmarks=[first_error,prmbench]", "eval.data=x", "eval.max_tokens=-1",
+                           "generate.samples_per_problem=0", "model.n_heads=0", "eval.scorer=remote"])
+    msg = str(err.value)
+    for key in ("eval.format", "eval.data", "eval.max_tokens", "generate.samples_per_problem", "model.n_heads",
+                "eval.scorer"):
+        assert key in msg
 
 
 def test_resolved_config_dump_round_trips(tmp_path):

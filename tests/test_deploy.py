@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from actprm_ray.config import Config, load_config, parse_args
 from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
@@ -96,7 +97,7 @@ def _local(path: str) -> Path:
 class Entrypoint:
     job: str  # "active_train", "filter", ...
     argv: list[str]  # the job's arguments, with image paths mapped into this checkout
-    conf: Path  # the --config file, or the actprm/sized-for annotation for jobs without --config
+    conf: Path  # the --config file (every job takes one)
 
 
 def _entrypoint(rayjob: dict) -> Entrypoint:
@@ -105,13 +106,10 @@ def _entrypoint(rayjob: dict) -> Entrypoint:
     script = _local(words[1])
     assert script.parent == REPO / "jobs" and script.is_file(), f"{words[1]}: no such job in jobs/"
     argv = words[2:]
-    if "--config" in argv:
-        i = argv.index("--config") + 1
-        argv[i] = str(_local(argv[i]))
-        conf = Path(argv[i])
-    else:
-        conf = REPO / rayjob["metadata"].get("annotations", {}).get("actprm/sized-for", "<no --config>")
-    return Entrypoint(script.stem, argv, conf)
+    assert "--config" in argv[:-1], f"{words[1]}: the entrypoint names no --config file"
+    i = argv.index("--config") + 1
+    argv[i] = str(_local(argv[i]))
+    return Entrypoint(script.stem, argv, Path(argv[i]))
 
 
 def _overrides(argv: list[str]) -> list[str]:
@@ -160,12 +158,8 @@ def test_entrypoint_parses_with_the_jobs_own_command_line(name):
         args, cfg = parse_filter_args(ep.argv)
         assert cfg == expected and args.checkpoint and args.input and args.output
     elif ep.job == "evaluate":
-        args = _job_module("evaluate").parse_args(ep.argv)
-        p = expected.pipeline
-        assert args.scorer == "ray" and args.checkpoint and args.out
-        flags = (args.actors, args.num_gpus, args.batch_size)
-        assert flags == (p.score_actors, p.score_num_gpus, p.score_batch_size), \
-            f"evaluate flags disagree with {ep.conf.name}'s pipeline.score_*"
+        assert parse_args(ep.argv, default_config=None) == expected
+        assert expected.eval.scorer == "ray" and expected.eval.checkpoint and expected.eval.out
     else:
         module = _job_module(ep.job)
         parser = next((getattr(module, n) for n in ("parse_label_args", "parse_args") if hasattr(module, n)), None)
@@ -369,10 +363,13 @@ def test_the_jobs_storage_paths_suit_a_multi_node_cluster(name):
         path = cfg.labeler.judge.cache_path  # None: <run dir>/ledger/labels (label: <--output>/ledger/labels)
         assert path is None or path.startswith(SHARED_MOUNT + "/") or "://" in path, \
             f"labeler.judge.cache_path {path!r} must be shared storage (or null: inside the run directory)"
-    for flag in ("--input", "--output", "--checkpoint", "--out"):
+    for flag in ("--input", "--output", "--checkpoint"):
         if flag in ep.argv:
             value = ep.argv[ep.argv.index(flag) + 1]
             assert value.startswith(SHARED_MOUNT + "/") or "://" in value, f"{flag} {value}"
+    for key in ("eval.checkpoint", "eval.out"):  # the evaluate job's paths
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        assert not value or value.startswith(SHARED_MOUNT + "/") or "://" in value, f"{key} {value}"
 
 
 def _volumes_and_mounts(node, where: str):

@@ -95,14 +95,17 @@ def test_qwen_prm_missing_head_is_a_clear_error(tmp_path):
     assert "score.2.bias" in HEAD_KEYS
 
 
-def _run_job(args: list[str]) -> dict:
+def _job():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(args) == 0
-    out = Path(args[args.index("--out") + 1])
+    return job
+
+
+def _run_job(out: Path, *overrides: str) -> dict:
+    assert _job().main([f"eval.out={out}", *overrides]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -133,8 +136,8 @@ def _check_scores_in_unit_interval(metrics: dict) -> None:
 
 def test_job_end_to_end_on_real_slices(ckpts, tmp_path):
     out = tmp_path / "run"
-    metrics = _run_job(["--checkpoint", str(ckpts["ensemble"]), "--benchmark", "processbench", "prmbench",
-                        "--limit", "4", "--batch_size", "4", "--out", str(out), "--sweep_on", "gsm8k"])
+    metrics = _run_job(out, f"eval.checkpoint={ckpts['ensemble']}", "eval.benchmarks=[processbench,prmbench]",
+                       "eval.limit=4", "pipeline.score_batch_size=4", "eval.sweep_on=gsm8k")
     for name in ("predictions.jsonl", "metrics.json", "report.md", "processbench_per_subset.png",
                  "processbench_threshold_curve.png", "prmbench_per_subset.png", "prmbench_threshold_curve.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -153,12 +156,17 @@ def test_job_end_to_end_on_real_slices(ckpts, tmp_path):
             assert r["valid"] == [m > 0.5 for m in r["step_mu"]] and len(r["valid"]) == len(r["step_mu"])
     report = (out / "report.md").read_text()
     assert "| ActPRM | .816 |" in report and "**this run**" in report and "Partial run" in report
+    # The resolved config beside the outputs reloads to the same config.
+    from actprm_ray.config import load_config
+
+    saved = load_config(out / "config.yaml")
+    assert (saved.eval.checkpoint, saved.eval.out, saved.eval.limit) == (str(ckpts["ensemble"]), str(out), 4)
 
 
 def test_job_first_error_format_with_qwen_prm(ckpts, tmp_path):
     out = tmp_path / "fe"
-    metrics = _run_job(["--checkpoint", str(ckpts["qwen_prm"]), "--benchmark", "first_error", "--format", "champ_fws",
-                        "--limit", "6", "--out", str(out)])
+    metrics = _run_job(out, f"eval.checkpoint={ckpts['qwen_prm']}", "eval.benchmarks=[first_error]",
+                       "eval.format=champ_fws", "eval.limit=6")
     m = metrics["benchmarks"]["first_error:champ_fws"]
     assert m["subsets"]["champ_fws"]["n"] == 6 and m["subsets"]["champ_fws"]["n_cor"] >= 1
     assert metrics["meta"]["kind"] == "qwen_prm"
@@ -166,11 +174,32 @@ def test_job_first_error_format_with_qwen_prm(ckpts, tmp_path):
     assert (out / "first_error_champ_fws_threshold_curve.png").is_file()
 
 
-def test_job_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit):
-        _run_job(["--benchmark", "first_error", "--out", str(tmp_path)])  # no --format
-    with pytest.raises(SystemExit):
-        _run_job(["--benchmark", "processbench", "prmbench", "--data", "x", "--out", str(tmp_path)])
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.benchmarks=[first_error]"], r"eval\.format=None: eval\.benchmarks has first_error, which needs one of"),
+    (["eval.benchmarks=[processbench,prmbench]", "eval.data=x"], r"eval\.data applies to one benchmark"),
+    (["eval.benchmarks=[processbench,mmlu]"], r"eval\.benchmarks: 'mmlu' is not a benchmark"),
+    (["eval.chekpoint=x"], r"eval\.chekpoint"),  # an unknown key is named
+    (["--checkpoint", "x"], r"a\.b=c"),  # the old flags are refused, not ignored
+])
+def test_job_rejects_bad_arguments(tmp_path, overrides, message):
+    from actprm_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        _run_job(tmp_path, *overrides)
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything is written
+
+
+def test_smoke_run_defaults(monkeypatch, tmp_path):
+    """No arguments: the tiny checkpoint on 20 rows per subset, written under the run directory."""
+    from actprm_ray.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _job().resolve(load_config())
+    assert (cfg.eval.checkpoint, cfg.eval.limit) == ("tiny", 20)
+    assert Path(cfg.eval.out).parent == tmp_path / "actprm_results" / "default"
+    assert _job().resolve(load_config(None, ["eval.limit=3"])).eval.limit == 3
+    real = _job().resolve(load_config(None, ["eval.checkpoint=/ckpt"]))
+    assert (real.eval.checkpoint, real.eval.limit) == ("/ckpt", None)  # a real checkpoint: every row
 
 
 @pytest.mark.ray

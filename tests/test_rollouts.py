@@ -63,8 +63,8 @@ def test_generate_job_on_gsm8k_with_the_tiny_policy(tmp_path):
         pytest.skip(f"no shared data at {GSM8K_TRAIN}")
     out = tmp_path / "rollouts.parquet"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), f"problems_path={GSM8K_TRAIN}", f"out_path={out}",
-           "limit=3", "samples_per_problem=2", "max_tokens=64"]
+    cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), f"generate.problems_path={GSM8K_TRAIN}",
+           f"generate.out_path={out}", "generate.limit=3", "generate.samples_per_problem=2", "generate.max_tokens=64"]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(out).to_pylist()

@@ -68,7 +68,7 @@ def evaluate_first_error(name: str, load: LoadResult, scored: ScoreResult, *, ta
 def _sweep(curve: dict[str, list[dict]], fit_subset: str) -> dict:
     """Fit τ on one subset (highest F1), then report the other subsets at that τ. Monitoring only."""
     if fit_subset not in curve:
-        raise EvalDataError(f"--sweep_on {fit_subset!r} is not an evaluated subset; choose one of {sorted(curve)}")
+        raise EvalDataError(f"eval.sweep_on={fit_subset!r} is not an evaluated subset; choose one of {sorted(curve)}")
     best = M.best_threshold(curve[fit_subset])
     at_best = {s: next(p for p in pts if p["tau"] == best["tau"])["f1"] for s, pts in curve.items() if s != fit_subset}
     return {
@@ -113,7 +113,7 @@ def load_benchmark(benchmark: str, *, data: str | Path | None = None, fmt: str |
         from actprm_ray.eval.first_error import FORMATS, load_first_error
 
         if not fmt:
-            raise EvalDataError(f"--benchmark first_error needs --format, one of {sorted(FORMATS)}")
+            raise EvalDataError(f"benchmark first_error needs a format (eval.format), one of {sorted(FORMATS)}")
         return f"first_error:{fmt}", load_first_error(fmt, data, limit=limit)
     raise EvalDataError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
 

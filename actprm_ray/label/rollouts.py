@@ -10,36 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
 
-from actprm_ray.data.step_format import DEFAULT_SYSTEM_PROMPT
+from actprm_ray.config import GenerateConfig
 
 POOL_COLUMNS = ("id", "question", "steps", "source", "problem_id", "sample_index", "finish_reason", "policy_tokens")
-
-
-@dataclass
-class RolloutConfig:
-    """One rollout job: which policy, which problems, how to sample, where to write."""
-
-    model: str = "Qwen/Qwen2.5-Math-7B-Instruct"  # policy: HF id, local dir, or an import_gguf name ("smollm2-135m")
-    policy_id: str = "qwen2.5-math-7b-instruct"  # short name written into `source` as "rollout:<policy_id>"
-    problems_path: str = ""  # JSONL with a "question" (or "problem") field per line
-    out_path: str = "rollouts.parquet"
-    limit: Optional[int] = None  # first N problems only (None = all)
-    samples_per_problem: int = 1  # trajectories per problem (paper stage 1: one)
-    temperature: float = 0.5
-    top_p: float = 1.0
-    max_tokens: int = 8192  # clamped to the context left after the prompt
-    seed: int = 0
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"  # "float32" on CPU
-    max_model_len: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments
 
 
 def load_problems(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -109,8 +84,10 @@ def write_pool_parquet(rows: list[dict], path: str | Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def generate_rollouts(config: RolloutConfig, problems: list[dict], llm=None) -> tuple[list[dict], dict]:
-    """Sample `samples_per_problem` completions per problem with one vLLM engine; return (rows, stats).
+def generate_rollouts(config: GenerateConfig, problems: list[dict], system_prompt: str,
+                      llm=None) -> tuple[list[dict], dict]:
+    """Sample `samples_per_problem` completions per problem under `system_prompt` with one vLLM engine; return
+    (rows, stats).
 
     `llm` reuses an existing vllm.LLM. The engine is built inside, so scripts calling this need a
     `if __name__ == "__main__":` guard (vLLM spawns its engine process).
@@ -140,7 +117,7 @@ def generate_rollouts(config: RolloutConfig, problems: list[dict], llm=None) -> 
     requests, params, owners = [], [], []
     for p in problems:
         text = tokenizer.apply_chat_template(
-            [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": p["question"]}],
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": p["question"]}],
             tokenize=False, add_generation_prompt=True)
         ids = tokenizer.encode(text, add_special_tokens=False)
         room = max_len - len(ids)
