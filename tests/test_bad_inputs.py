@@ -252,8 +252,8 @@ def test_evaluate_reports_every_bad_processbench_row(tmp_path):
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    assert job.main(["--checkpoint", "tiny", "--benchmark", "processbench", "--data", str(data), "--out", str(out),
-                     "--batch_size", "4"]) == 0
+    assert job.main(["eval.checkpoint=tiny", "eval.benchmarks=[processbench]", f"eval.data={data}", f"eval.out={out}",
+                     "pipeline.score_batch_size=4"]) == 0
     m = json.loads((out / "metrics.json").read_text())["benchmarks"]["processbench"]
     skipped = {s["source"] if s["source"] in kinds else s["id"]: s["reason"] for s in m["data"]["skipped"]}
     predictions = {p["id"]: p for p in map(json.loads, (out / "predictions.jsonl").open())}
