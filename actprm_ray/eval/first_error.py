@@ -1,6 +1,6 @@
 """Adapters that turn other first-error datasets into ProcessBench-style samples (question, steps, 0-based label).
 
-Supported (`--benchmark first_error --format <name>`), all under ../shared/data/step_labeled_extra/:
+Supported (`eval.benchmarks=[first_error] eval.format=<name>`), all under ../shared/data/step_labeled_extra/:
 
 | name                | default path                                          | label source                                   |
 |---------------------|-------------------------------------------------------|------------------------------------------------|
