@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from actprm_ray.config import DEFAULT_LABEL_CACHE, Config, resolve_output_path, run_directory, save_resolved, to_dict
+from actprm_ray.config import Config, run_directory, to_dict
 from actprm_ray.data.shards import index_pool, read_pool_rows, resolve_pool
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
-from actprm_ray.pipeline.ray_env import init_ray
+from actprm_ray.pipeline.run import Run
 from actprm_ray.pipeline.run_report import write_run_report
-from actprm_ray.label.cache import LabelCache
-from actprm_ray.ledger import grants_folder, run_ledger_uri
 from actprm_ray.select import wilson_interval
 from actprm_ray.tracking import log_summary
 
@@ -98,62 +93,43 @@ def controller_status(state: dict | None) -> str:
 def run_active(cfg: Config) -> dict:
     import ray
 
-    from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
-    from actprm_ray.train.trainer import build_trainer
+    from actprm_ray.pipeline.coordinator import coordinator_name
 
-    started = time.time()
-    run_dir = run_directory(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir)
-    print(f"[actprm] run dir {run_dir} (config, summary, outcomes, checkpoints)", flush=True)
-    if cfg.selection.inline and cfg.labeler.kind != "oracle":
-        raise ValueError("selection.inline=true reveals labels inside the trainer: it needs labeler.kind=oracle")
-    init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
-             object_store_limit_mb=cfg.pipeline.object_store_limit_mb, block_size_kb=cfg.pipeline.block_size_kb)
-
-    if cfg.labeler.kind != "oracle":
-        # Paid labels survive the run (and a resume) in the run's own cache unless a shared one is configured;
-        # a relative path lies in the run directory (validated there), wherever the actors' working directory is.
-        cfg.labeler.judge.cache_path = str(resolve_output_path(cfg.labeler.judge.cache_path or DEFAULT_LABEL_CACHE,
-                                                               run_dir))
-    init_dir = prepare_initial_model(cfg, run_dir)
-    pool = resolve_pool(cfg, run_dir)
-    index = index_pool(pool, limit=cfg.data.limit)  # every row's id up front: the accounting identity needs them
-    pool_ids = index.ids
-    oc.quarantine_uncommitted(run_dir / "outcomes", oc.committed_flushes(run_dir / "ray_train", cfg.run.name))
-    accounted = frozenset(oc.read_outcome_parts(run_dir / "outcomes").column("id").to_pylist())
-    cache_path = cfg.labeler.judge.cache_path if cfg.labeler.kind != "oracle" else None
-
-    name = coordinator_name(cfg.run.name)
-    # The budget is the run's lifetime budget: the coordinator rebuilds what earlier runs granted from the ledger.
-    coordinator = RunCoordinator.options(name=name, namespace="actprm").remote(
-        str(run_dir), cfg.budget.max_labels, cfg.budget.max_judge_tokens,
-        cfg.labeler.judge.max_tokens if cfg.labeler.kind != "oracle" else 0, cache_path, controller_config(cfg))
-    labels_before = ray.get(coordinator.budget_state.remote())["labels"]
-    plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=name, accounted=accounted, source=pool)
-    print(f"[actprm] plan:\n{plan.describe()}", flush=True)
-    dataset = plan.apply(read_pool_rows(index, num_cpus=cfg.pipeline.map_num_cpus,
-                                        max_retries=cfg.pipeline.map_max_retries))
-
-    status = StatusPrinter(coordinator, cfg.pipeline.status_every_s)
-    status.start()
-    try:
-        result = build_trainer(cfg, run_dir, dataset, name).fit()
-    finally:
-        status.stop.set()
-    snapshot = ray.get(coordinator.snapshot.remote())
-    ray.kill(coordinator)
-    if cache_path:
-        LabelCache(cache_path).compact()  # no labeler is left: fold this run's one-file-per-response parts
-    grants_folder(run_ledger_uri(run_dir)).compact()
-
-    table, counts = oc.finalize(oc.read_outcome_parts(run_dir / "outcomes"), pool_ids)
-    pq.write_table(table, run_dir / "outcomes.parquet")
-    summary = summarize(cfg, run_dir, table, counts, snapshot, result, time.time() - started, labels_before)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log_summary(cfg, summary)  # tracking on: summary.json's figures and the file to TensorBoard / MLflow
-    summary["report"] = str(write_run_report(run_dir))
-    return summary
+    with Run(cfg, run_directory(cfg), tag="actprm") as run:
+        run.save_config()
+        run.say(f"run dir {run.dir} (config, summary, outcomes, checkpoints)")
+        if cfg.selection.inline and cfg.labeler.kind != "oracle":
+            raise ValueError("selection.inline=true reveals labels inside the trainer: it needs labeler.kind=oracle")
+        run.init_ray()
+        cache_path = run.place_label_cache()
+        init_dir = prepare_initial_model(cfg, run.dir)
+        pool = resolve_pool(cfg, run.dir)
+        index = index_pool(pool, limit=cfg.data.limit)  # every row's id up front: the accounting identity needs them
+        accounted = run.resume_outcomes()
+        # The budget is the run's lifetime budget: the coordinator rebuilds what earlier runs granted from the ledger.
+        coordinator = run.start_coordinator(
+            coordinator_name(cfg.run.name), str(run.dir), cfg.budget.max_labels, cfg.budget.max_judge_tokens,
+            cfg.labeler.judge.max_tokens if cfg.labeler.kind != "oracle" else 0, cache_path, controller_config(cfg))
+        labels_before = ray.get(coordinator.budget_state.remote())["labels"]
+        plan = build_active_plan(cfg, init_dir=str(init_dir), coordinator_name=run.coordinator_name,
+                                 accounted=accounted, source=pool)
+        run.say(f"plan:\n{plan.describe()}")
+        dataset = plan.apply(read_pool_rows(index, num_cpus=cfg.pipeline.map_num_cpus,
+                                            max_retries=cfg.pipeline.map_max_retries))
+        status = StatusPrinter(coordinator, cfg.pipeline.status_every_s)
+        status.start()
+        try:
+            result = run.train(dataset)
+        finally:
+            status.stop.set()
+        snapshot = run.stop_coordinator()
+        run.compact_ledger(cache_path)  # no labeler is left: fold this run's one-file-per-response parts
+        table, counts = run.finalize_outcomes(index.ids)
+        summary = run.write_summary(summarize(cfg, run.dir, table, counts, snapshot, result, run.wall_s,
+                                              labels_before))
+        log_summary(cfg, summary)  # tracking on: summary.json's figures and the file to TensorBoard / MLflow
+        summary["report"] = str(write_run_report(run.dir))
+        return summary
 
 
 def controller_config(cfg: Config) -> dict | None:
