@@ -40,7 +40,8 @@ def judge_server():
 
 
 def _overrides(tmp_path, name, *extra):
-    return [f"run.name={name}", f"run.output_dir={tmp_path}", "model.n_heads=4", "model.max_length=512",
+    return [f"run.name={name}", f"run.output_dir={tmp_path}", "model.backbone=tiny", "model.n_heads=4",
+            "model.max_length=512",
             "data.synthetic_rows=96", "train.lr=1e-3", "train.warmup_steps=2", "train.total_steps=100",
             "train.micro_batch_size=8", "train.publish_every=1", "train.checkpoint_every=2",
             "train.step_delay_s=0.2",  # slow enough that the kill lands mid-run

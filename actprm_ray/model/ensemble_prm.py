@@ -117,6 +117,22 @@ def add_separator_token(tokenizer, backbone: nn.Module, sep: str) -> bool:
     return True
 
 
+def _load_backbone(path, dtype, trust_remote_code: bool, attn_implementation: str | None):
+    """AutoModel from safetensors only. Off a terminal (Ray workers, `ray job submit` logs) transformers' per-load
+    progress bar is switched off here: in attached mode the workers do not get our runtime env, and a bar in a
+    log is a line per redraw."""
+    import sys
+
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                     **kwargs)
+
+
 class EnsemblePRM(nn.Module):
     def __init__(self, backbone: nn.Module, config: PRMConfig, tokenizer=None):
         super().__init__()
@@ -134,15 +150,13 @@ class EnsemblePRM(nn.Module):
     def from_backbone(cls, backbone_dir: str | Path, config: PRMConfig, *, dtype: torch.dtype = torch.float32,
                       trust_remote_code: bool = False, attn_implementation: str | None = None) -> "EnsemblePRM":
         """Fresh heads on a pretrained backbone; heads are initialised explicitly *after* the backbone loads."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         _warn_remote_code(trust_remote_code)
         if Path(backbone_dir).is_dir():
             require_safetensors(Path(backbone_dir))
         tokenizer = AutoTokenizer.from_pretrained(backbone_dir, trust_remote_code=trust_remote_code)
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        backbone = AutoModel.from_pretrained(backbone_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                             use_safetensors=True, **kwargs)
+        backbone = _load_backbone(backbone_dir, dtype, trust_remote_code, attn_implementation)
         added = add_separator_token(tokenizer, backbone, config.sep)
         if added:
             log.info("added separator %r to the tokenizer (vocab %d)", config.sep, len(tokenizer))
@@ -230,7 +244,7 @@ class EnsemblePRM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype = torch.float32,
                         trust_remote_code: bool = False, attn_implementation: str | None = None) -> "EnsemblePRM":
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         src = Path(directory)
         if not (src / "config.json").is_file():
@@ -242,9 +256,7 @@ class EnsemblePRM(nn.Module):
         _warn_remote_code(trust_remote_code)
         config = PRMConfig(**meta["actprm"])
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        backbone = AutoModel.from_pretrained(src / "backbone", dtype=dtype, trust_remote_code=trust_remote_code,
-                                             use_safetensors=True, **kwargs)
+        backbone = _load_backbone(src / "backbone", dtype, trust_remote_code, attn_implementation)
         model = cls(backbone, config, tokenizer)
         model.heads.float()
         model.load_head_state(load_file(src / "heads.safetensors"))
