@@ -62,11 +62,7 @@ class Run:
         return save_resolved(self.cfg, self.dir)
 
     def init_ray(self, **settings) -> None:
-        """Attach to or start Ray with this run's settings (ray_env.init_ray); `settings` replace single ones."""
-        p = self.cfg.pipeline
-        ray_env.init_ray(**{"num_cpus": self.cfg.run.ray_num_cpus, "no_progress_timeout_s": p.no_progress_timeout_s,
-                            "object_store_limit_mb": p.object_store_limit_mb, "block_size_kb": p.block_size_kb,
-                            **settings})
+        init_ray_from(self.cfg, **settings)
 
     def place_label_cache(self) -> str | None:
         """A judge's label cache path, made absolute (None for the oracle, which pays nothing).
@@ -133,6 +129,14 @@ class Run:
     def write_summary(self, summary: dict, name: str = "summary.json") -> dict:
         (self.dir / name).write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def init_ray_from(cfg: Config, **settings) -> None:
+    """Attach to or start Ray (ray_env.init_ray) with the config's settings: run.ray_num_cpus, pipeline's
+    no-progress timeout and Ray Data budgets; `settings` replace single ones."""
+    p = cfg.pipeline
+    ray_env.init_ray(**{"num_cpus": cfg.run.ray_num_cpus, "no_progress_timeout_s": p.no_progress_timeout_s,
+                        "object_store_limit_mb": p.object_store_limit_mb, "block_size_kb": p.block_size_kb, **settings})
 
 
 def job_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
