@@ -19,10 +19,20 @@ from urllib.parse import urlsplit
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The schema imports nothing else from the package (only the pure step-format constants), so every package may
+# import it without a cycle; the names below are owned here and read by the code that implements them.
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
-from actprm_ray.eval.first_error import FORMATS
-from actprm_ray.eval.runner import BENCHMARKS, MAX_EVAL_TOKENS
-from actprm_ray.label.prompt import PROMPT_VERSION
+
+# Part of the label-cache key: bump with any change to the judge prompt's text or tags (label/prompt.py), so a new
+# prompt never reuses critiques written for the old one; tests/test_judge_parse.py pins the prompt to the version.
+JUDGE_PROMPT_VERSION = "actprm-judge-v1"
+EVAL_BENCHMARKS = ("processbench", "prmbench", "first_error")  # what eval/runner.py runs
+FIRST_ERROR_FORMATS = ("big_bench_mistake", "champ_fws", "mr_ben", "mr_gsm8k_partial",
+                       "reasoneval_invalid")  # eval/first_error.FORMATS' keys (tests/test_config.py)
+# Rows above this many tokens are unscorable (listed with the reason), not truncated: 4x the longest benchmark row
+# we know (~8k tokens), far beyond any real trajectory, so only corrupt rows hit it.
+MAX_EVAL_TOKENS = 32768
+TRACKING_INSTALL_HINT = "pip install -e '.[tracking]'"
 
 
 @dataclass
@@ -145,7 +155,7 @@ class JudgeConfig:
 
     judge_id: str = "qwq-32b"  # stable name of the judge; part of the cache key and of label_source
     model: str = "Qwen/QwQ-32B"  # HF id or local dir (vllm), or "smollm2-135m" (model/import_gguf.py); default request model name (http)
-    prompt_version: str = PROMPT_VERSION  # part of the cache key; bump with any prompt change
+    prompt_version: str = JUDGE_PROMPT_VERSION  # part of the cache key; bump with any prompt change
     temperature: float = 0.5  # METHOD §7; use 0.0 (greedy) when benchmarking the judge itself
     top_p: float = 0.95
     max_tokens: int = 8192  # new tokens per critique (thinking included); clamped to the context left
@@ -346,20 +356,27 @@ def _secret_errors(cfg: Config) -> list[str]:
 
 
 def _tracking_package_errors(cfg: Config) -> list[str]:
-    from actprm_ray.tracking import missing_packages  # imports neither package; only looks for them
+    """A backend switched on without its package (looked for, not imported)."""
+    from importlib.util import find_spec
 
-    return missing_packages(cfg)
+    t, errors = cfg.tracking, []
+    for on, key, module in ((t.tensorboard, "tracking.tensorboard", "tensorboard"),
+                            (t.mlflow, "tracking.mlflow", "mlflow")):
+        if on and find_spec(module) is None:
+            errors.append(f"{key}=true needs the {module} package, which the base install leaves out: "
+                          f"{TRACKING_INSTALL_HINT}")
+    return errors
 
 
 def _eval_errors(e: EvalConfig) -> list[str]:
     """The evaluate job's rules: known benchmarks, and the keys that only make sense with some of them."""
-    errors = [f"eval.benchmarks: {b!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}"
-              for b in e.benchmarks if b not in BENCHMARKS]
+    errors = [f"eval.benchmarks: {b!r} is not a benchmark; choose from {', '.join(EVAL_BENCHMARKS)}"
+              for b in e.benchmarks if b not in EVAL_BENCHMARKS]
     if not e.benchmarks:
-        errors.append(f"eval.benchmarks is empty: name one or more of {', '.join(BENCHMARKS)}")
-    if "first_error" in e.benchmarks and e.format not in FORMATS:
+        errors.append(f"eval.benchmarks is empty: name one or more of {', '.join(EVAL_BENCHMARKS)}")
+    if "first_error" in e.benchmarks and e.format not in FIRST_ERROR_FORMATS:
         errors.append(f"eval.format={e.format!r}: eval.benchmarks has first_error, which needs one of "
-                      f"{', '.join(sorted(FORMATS))}")
+                      f"{', '.join(sorted(FIRST_ERROR_FORMATS))}")
     if e.data is not None and len(e.benchmarks) > 1:
         errors.append("eval.data applies to one benchmark; run them separately to point each at its own data")
     if e.sweep_on and e.benchmarks == ["prmbench"]:

@@ -23,7 +23,6 @@ from pathlib import Path
 TB_DIR = "tensorboard"  # <run dir>/tensorboard: TensorBoard's --logdir
 MLRUNS_DIR = "mlruns"  # <run dir>/mlruns: the default MLflow file store (no server)
 MLFLOW_STATE = Path("tracking") / "mlflow_run.json"  # the run's MLflow run id, for resumes and the driver
-INSTALL_HINT = "pip install -e '.[tracking]'"
 
 # train/* name <- the trainer's report key (train/loop.py: metrics()).
 STEP_METRICS = {"train/loss": "loss", "train/lr": "lr", "train/grad_norm": "grad_norm",
@@ -33,19 +32,6 @@ STEP_METRICS = {"train/loss": "loss", "train/lr": "lr", "train/grad_norm": "grad
 
 def enabled(cfg) -> bool:
     return cfg.tracking.tensorboard or cfg.tracking.mlflow
-
-
-def missing_packages(cfg) -> list[str]:
-    """Config errors for a backend that is switched on without its package (config.validate reports them)."""
-    from importlib.util import find_spec
-
-    t, errors = cfg.tracking, []
-    for on, key, module in ((t.tensorboard, "tracking.tensorboard", "tensorboard"),
-                            (t.mlflow, "tracking.mlflow", "mlflow")):
-        if on and find_spec(module) is None:
-            errors.append(f"{key}=true needs the {module} package, which the base install leaves out: "
-                          f"{INSTALL_HINT}")
-    return errors
 
 
 def mlflow_tracking_uri(cfg, run_dir: Path) -> str:

@@ -205,3 +205,15 @@ def test_synthetic_mix_names_are_the_mixes_and_the_pool_uses_the_chosen_one(tmp_
     assert not any(op in s for r in rows if r["first_error_step"] == -1 for s in r["steps"] for op in (" * ", " / "))
     default = pq.read_table(resolve_pool(load_config(None, ["data.synthetic_rows=200"]), tmp_path)).to_pylist()
     assert default != rows
+
+
+def test_names_the_schema_owns_match_the_code_that_implements_them():
+    """config.py imports no other package of ours (no import cycle through the schema), so it spells these out."""
+    from actprm_ray.config import EVAL_BENCHMARKS, FIRST_ERROR_FORMATS, JUDGE_PROMPT_VERSION, load_config
+    from actprm_ray.eval.first_error import FORMATS
+    from actprm_ray.eval.runner import BENCHMARKS
+    from actprm_ray.label.prompt import PROMPT_VERSION
+
+    assert set(FIRST_ERROR_FORMATS) == set(FORMATS)
+    assert BENCHMARKS == EVAL_BENCHMARKS
+    assert load_config(None, []).labeler.judge.prompt_version == JUDGE_PROMPT_VERSION == PROMPT_VERSION

@@ -1,4 +1,4 @@
-"""TRL / HF datasets interop (actprm_ray/data/interop.py) with the real `datasets` and `trl` packages, on real files.
+"""TRL / HF datasets interop (actprm_ray/interop.py) with the real `datasets` and `trl` packages, on real files.
 
 No Ray: pools are read through data/shards.py's pure reader. Needs the `hf` extra (scripts/install.sh installs it).
 """
@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actprm_ray.data import interop
-from actprm_ray.data.interop import POOL_SCHEMA, read_pool
+from actprm_ray import interop
+from actprm_ray.interop import POOL_SCHEMA, read_pool
 from actprm_ray.eval.samples import shared_data_dir
 
 datasets = pytest.importorskip("datasets", reason="the `hf` extra (datasets, trl) is not installed")

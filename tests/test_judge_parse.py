@@ -122,6 +122,23 @@ def test_prompt_numbers_the_canonical_paragraphs_from_one():
     assert PROMPT_VERSION
 
 
+# The judge prompt's text and tags per PROMPT_VERSION (sha256 of a fixed rendering, first 16 hex digits). A change
+# detector, not a claim about the prompt: edit the prompt, bump config.JUDGE_PROMPT_VERSION, add its line here.
+PROMPT_FINGERPRINTS = {"actprm-judge-v1": "3a361cb047803097"}
+
+
+def test_a_changed_prompt_has_a_new_version():
+    """The version is part of the label-cache key: a prompt edited under an old version would reuse critiques
+    written for the old text."""
+    import hashlib
+
+    from actprm_ray.label.prompt import render_judge_prompt
+
+    text = render_judge_prompt("Q?", ["a.", "b."]) + guided_regex(2)
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == PROMPT_FINGERPRINTS.get(PROMPT_VERSION), (
+        f"the judge prompt changed under {PROMPT_VERSION!r}: bump config.JUDGE_PROMPT_VERSION and record it here")
+
+
 def test_prompt_rejects_unusable_rows():
     with pytest.raises(StepFormatError):
         build_judge_prompt("q", [])

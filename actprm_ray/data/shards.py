@@ -34,13 +34,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from itertools import groupby, islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actprm_ray.config import Config
 from actprm_ray.data.step_format import StepFormatError, check_text, check_types, parse_first_error_step, parse_int
+
+if TYPE_CHECKING:  # annotations only: config imports data's step format, so data/ never imports config at run time
+    from actprm_ray.config import Config
 
 POOL_COLUMNS = ("id", "question", "steps", "first_error_step")
 # A labelled set's columns (the label job writes them), read by supervised training; each null where a row lacks it.

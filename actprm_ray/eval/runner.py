@@ -12,17 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actprm_ray.config import EVAL_BENCHMARKS as BENCHMARKS
+from actprm_ray.config import MAX_EVAL_TOKENS
 from actprm_ray.eval import metrics as M
 from actprm_ray.eval.batching import Scorer, ScoreResult, score_rows
 from actprm_ray.eval.samples import EvalDataError, LoadResult
 
-BENCHMARKS = ("processbench", "prmbench", "first_error")
 # Sweep grid for monitoring curves: 0.025 .. 0.975 (0.5 included). Never used for the headline.
 THRESHOLDS = [round(0.025 * i, 3) for i in range(1, 40)]
 MAX_SKIPPED_LISTED = 50  # metrics.json lists at most this many skipped rows; the count is always exact
-# Rows above this many tokens are unscorable (listed with the reason), not truncated: 4x the longest benchmark row
-# we know (~8k tokens), far beyond any real trajectory, so only corrupt rows hit it.
-MAX_EVAL_TOKENS = 32768
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The judge prompt (METHOD §7): our own text with the ProcessBench critique structure, sent as the user turn.
 
-Bump PROMPT_VERSION whenever the text or the tag format changes: it is part of the label-cache key, so a new
-prompt never reuses critiques written for the old one.
+Bump PROMPT_VERSION (config.JUDGE_PROMPT_VERSION, where the config's default reads it) whenever the text or the
+tag format changes: it is part of the label-cache key, so a new prompt never reuses critiques written for the old
+one. tests/test_judge_parse.py pins the rendered prompt to the version.
 
 The judge sees the same canonical text as the PRM (step_format.canonicalize: outer whitespace stripped,
 blank-line breaks folded, separator strings removed), so a label always refers to exactly the steps we train on.
@@ -9,9 +10,8 @@ blank-line breaks folded, separator strings removed), so a label always refers t
 
 from __future__ import annotations
 
+from actprm_ray.config import JUDGE_PROMPT_VERSION as PROMPT_VERSION
 from actprm_ray.data.step_format import DEFAULT_SEP, canonicalize
-
-PROMPT_VERSION = "actprm-judge-v1"
 
 _INSTRUCTIONS_HEAD = (
     "Review the solution to the math problem below. Its paragraphs are numbered from 1.\n\n"

@@ -441,7 +441,7 @@ def import_math_shepherd(source: str, output: str, *, step_tag: str = MATH_SHEPH
 
 # -- CLI --------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m actprm_ray.data.interop", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m actprm_ray.interop", allow_abbrev=False,
                                 description="TRL / HF datasets interop (docs/INTEROP.md).")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export-trl", help="labelled rows -> TRL stepwise supervision (train.parquet + hf/)")
