@@ -20,11 +20,12 @@ from bad_inputs import (DUPLICATED_ID, LABEL_COLUMN, MAX_LENGTH, NO_LABEL, POOL_
                         write_processbench_corpus)
 
 from actprm_ray.config import load_config
+from actprm_ray.data.rows import NO_ORACLE
 from actprm_ray.data.shards import LABEL_COLUMNS, index_pool, read_chunk
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
 from actprm_ray.eval.samples import EvalDataError
 from actprm_ray.pipeline import outcomes as oc
-from actprm_ray.pipeline.stages import NO_ORACLE, CanonicalizeStage
+from actprm_ray.pipeline.stages import CanonicalizeStage
 
 REPO = Path(__file__).resolve().parents[1]
 TOO_LONG_REASON = rf"^no step separator survives truncation to {MAX_LENGTH} tokens$"

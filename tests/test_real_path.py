@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import real_path  # noqa: E402
 
 from actprm_ray.label.prompt import guided_regex  # noqa: E402
-from actprm_ray.train.supervised import check_labels  # noqa: E402
+from actprm_ray.data.rows import check_hard_labels  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 GSM8K_TRAIN = real_path.SHARED_DATA / "problems" / "gsm8k" / "train.jsonl"
@@ -99,7 +99,7 @@ def check_path(report: dict) -> None:
     for r in labelled:
         assert r["judge_tokens"] > 0 and r["judge_prompt_tokens"] > 100, r["id"]
         if r["label_status"] == "ok":
-            assert check_labels(r["hard_labels"], len(r["steps"])) == "" and len(r["hard_labels"]) == len(r["steps"])
+            assert check_hard_labels(r["hard_labels"], len(r["steps"])) == "" and len(r["hard_labels"]) == len(r["steps"])
             assert r["label_source"] == "vllm:smollm2-135m-instruct"
         else:
             assert r["label_reason"], r["id"]

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from actprm_ray.config import load_config
+from actprm_ray.data.rows import check_hard_labels
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, labels_from_first_error
 from actprm_ray.data.synthetic import generate_pool
 from actprm_ray.pipeline.filter import CarryCanonicalizeStage
-from actprm_ray.train.supervised import attach_labels, check_labels, parse_train_args, run_supervised
+from actprm_ray.train.supervised import attach_labels, parse_train_args, run_supervised
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
     ([1, 1, 1, 1], 3, False),  # more labels than steps
     ([1, 2], 3, False),
 ])
-def test_check_labels(labels, m, ok):
-    assert (check_labels(labels, m) == "") == ok
+def test_check_hard_labels(labels, m, ok):
+    assert (check_hard_labels(labels, m) == "") == ok
 
 
 def test_attach_labels_cuts_to_visible_steps(tiny_prm, tmp_path):

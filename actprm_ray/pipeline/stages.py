@@ -3,6 +3,9 @@
 Each is testable by calling it on a dict batch without Ray. Heavy setup (tokenizer, model) happens in
 __init__, once per actor. A bad row never raises: it gets `valid=False` and an `invalid_reason`, and flows
 on to the trainer, which records its outcome (one stream, so accounting stays 1:1).
+
+Every stage is a `Stage`: it declares the columns it needs and adds, and the base checks both, and the 1:1 row
+count, once for all of them (as ray.data.llm's StatefulStageUDF does for its stages).
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from actprm_ray.data.step_format import (CanonicalRow, StepFormatError, canonicalize, encode_trajectory,
-                                         parse_first_error_step)
+from actprm_ray.data.rows import NO_ORACLE, check_pool_row
+from actprm_ray.data.step_format import StepFormatError, encode_trajectory
+from actprm_ray.label.base import empty_label_columns
 from actprm_ray.select import audit_candidates, is_uncertain, pseudo_labels, select_rows, uncertainty_score
 
-NO_ORACLE = -2
+
+class StageContractError(ValueError):
+    """A batch or a stage broke the column contract: a needed column is missing, or a stage did not return one
+    value of each declared column per input row. A bug or a wrong plan, never a bad row: it fails the run."""
 
 
 def _obj(values) -> np.ndarray:
@@ -46,31 +53,60 @@ def arrow_lists(batch: dict) -> dict:
     return out
 
 
-def _check_columns(batch: dict, required: tuple[str, ...], stage: str) -> None:
-    missing = [c for c in required if c not in batch]
+def check_columns(batch: dict, needs: tuple[str, ...], stage: str) -> None:
+    """Raise StageContractError naming `stage` and every column of `needs` that `batch` lacks."""
+    missing = [c for c in needs if c not in batch]
     if missing:
-        raise KeyError(f"{stage}: input batch lacks columns {missing} (has {sorted(batch)})")
+        raise StageContractError(f"{stage}: input batch lacks column(s) {missing} (has {sorted(batch)})")
 
 
-def check_pool_row(question, steps, first_error_step, *, sep: str, read_error: str = "") -> tuple[CanonicalRow, int]:
-    """Everything about a pool row that needs no tokenizer: the reader's verdict, types, canonical text, and the
-    oracle's first error in range (-1..m-1, or NO_ORACLE). Raises StepFormatError with the reason."""
-    if read_error:
-        raise StepFormatError(read_error)
-    k = parse_first_error_step(first_error_step)
-    k = NO_ORACLE if k is None else k  # NO_ORACLE itself also means none: the labelled rows' sentinel
-    row = canonicalize(question, steps, sep)
-    if k != NO_ORACLE and not -1 <= k < len(row.steps):
-        raise StepFormatError(f"first_error_step {k} out of range for {len(row.steps)} steps (-1..{len(row.steps) - 1})")
-    return row, k
+class Stage:
+    """The base of every stage: a subclass declares its column contract and implements `process`.
+
+        needs   input columns it reads; a batch without one raises, naming the stage and the column
+        adds    the columns `process(batch)` returns, new or rewritten (they replace the input's), one value per
+                input row: a stage maps each row to exactly one row, so every row read ends in one outcome
+        drops   input columns it removes once used (e.g. the token ids after scoring)
+        keeps   the input columns that pass through; None = all but `drops`
+
+    `__call__` checks the needs, runs process, checks it returned exactly the declared columns with one value
+    per input row, and merges them onto the passed-through input. Last it hands list columns over as Arrow can
+    hold them (arrow_lists), so no stage has to remember to.
+    """
+
+    needs: tuple[str, ...] = ()
+    adds: tuple[str, ...] = ()
+    drops: tuple[str, ...] = ()
+    keeps: tuple[str, ...] | None = None
+
+    def process(self, batch: dict) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must implement process(batch) -> its `adds` columns")
+
+    def __call__(self, batch: dict) -> dict:
+        name = type(self).__name__
+        check_columns(batch, self.needs, name)
+        rows = len(next(iter(batch.values()), ()))
+        added = self.process(batch)
+        if set(added) != set(self.adds):
+            raise StageContractError(f"{name}: process returned columns {sorted(added)}, but the stage declares "
+                                     f"adds {sorted(self.adds)}")
+        wrong = {c: len(v) for c, v in added.items() if len(v) != rows}
+        if wrong:
+            raise StageContractError(f"{name}: {rows} rows in, but {wrong} out: a stage maps each row to one row")
+        kept = batch if self.keeps is None else {c: batch[c] for c in self.keeps if c in batch}
+        return arrow_lists({**{c: v for c, v in kept.items() if c not in self.drops}, **added})
 
 
-class CanonicalizeStage:
+class CanonicalizeStage(Stage):
     """Pool rows -> canonical question/steps + token ids + read-out positions (METHOD §2), or an invalid reason.
 
-    A `read_error` column (data/shards.py) makes its rows invalid with the reader's reason."""
+    Reads first_error_step and the reader's `read_error` (data/shards.py) where the batch has them; a read error
+    makes its row invalid with the reader's reason. Only its own columns leave it: the raw text stops here."""
 
-    required = ("id", "question", "steps")
+    needs = ("id", "question", "steps")
+    adds = ("id", "question", "steps", "input_ids", "readout_positions", "valid", "invalid_reason",
+            "oracle_first_error_step", "num_steps", "sep_removed")
+    keeps = ()
 
     def __init__(self, tokenizer_dir: str, *, sep: str, system_prompt: str, max_length: int | None):
         from transformers import AutoTokenizer
@@ -78,57 +114,49 @@ class CanonicalizeStage:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.sep, self.system_prompt, self.max_length = sep, system_prompt, max_length
 
-    def __call__(self, batch: dict) -> dict:
-        _check_columns(batch, self.required, "CanonicalizeStage")
-        n = len(batch["id"])
+    def process(self, batch: dict) -> dict:
         oracle, read_errors = batch.get("first_error_step"), batch.get("read_error")
-        out = {k: [] for k in ("input_ids", "readout_positions", "valid", "invalid_reason", "oracle_first_error_step",
-                               "num_steps", "sep_removed")}
-        steps_out, questions = [], []
-        for i in range(n):
-            try:
-                question, steps = batch["question"][i], batch["steps"][i]
-                steps = list(steps) if isinstance(steps, np.ndarray) else steps
-                row, k = check_pool_row(question, steps, None if oracle is None else oracle[i], sep=self.sep,
-                                        read_error="" if read_errors is None else str(read_errors[i]))
-                # The raw text, not row's: canonicalising the question twice is not always a no-op.
-                enc = encode_trajectory(self.tokenizer, question, steps, sep=self.sep,
-                                        system_prompt=self.system_prompt, max_length=self.max_length)
-                if not enc.readout_positions:
-                    raise StepFormatError(f"no step separator survives truncation to {self.max_length} tokens")
-                # Keep labels consistent with what the model sees: an error beyond the truncation point is invisible.
-                if k >= len(enc.readout_positions):
-                    k = -1
-                ok, reason, ids, pos = True, "", enc.input_ids, enc.readout_positions
-                visible, removed = len(pos), row.sep_removed
-            except (StepFormatError, TypeError, ValueError) as e:
-                ok, reason, ids, pos, visible, removed, k = False, str(e), [], [], 0, 0, NO_ORACLE
-            out["input_ids"].append(ids)
-            out["readout_positions"].append(pos)
-            out["valid"].append(ok)
-            out["invalid_reason"].append(reason)
-            out["oracle_first_error_step"].append(k)
-            out["num_steps"].append(visible)
-            out["sep_removed"].append(removed)
-            # Downstream (labeler, judge) sees exactly the canonical steps the model reads out.
-            steps_out.append(enc.steps if ok else [])
-            questions.append(enc.question if ok else "")
-        result = {"id": np.asarray([str(x) for x in batch["id"]], dtype=object),
-                  "question": _obj(questions),
-                  "steps": _obj(steps_out)}
-        result.update({k: _typed(v, np.int64) if k in ("input_ids", "readout_positions") else np.asarray(v)
-                       for k, v in out.items()})
-        result["invalid_reason"] = _obj(out["invalid_reason"])
-        return result
+        cols = {c: [] for c in CanonicalizeStage.adds[1:]}  # (a subclass adds more, after these)
+        for i in range(len(batch["id"])):
+            row = self._encode(batch["question"][i], batch["steps"][i], None if oracle is None else oracle[i],
+                               "" if read_errors is None else str(read_errors[i]))
+            for values, v in zip(cols.values(), row):
+                values.append(v)
+        return {"id": np.asarray([str(x) for x in batch["id"]], dtype=object),
+                "question": _obj(cols["question"]), "steps": _obj(cols["steps"]),
+                "input_ids": _typed(cols["input_ids"], np.int64),
+                "readout_positions": _typed(cols["readout_positions"], np.int64),
+                "valid": np.asarray(cols["valid"]), "invalid_reason": _obj(cols["invalid_reason"]),
+                **{c: np.asarray(cols[c]) for c in ("oracle_first_error_step", "num_steps", "sep_removed")}}
+
+    def _encode(self, question, steps, first_error_step, read_error: str) -> tuple:
+        """One row -> its values of CanonicalizeStage.adds[1:] (question .. sep_removed); an invalid row's
+        invalid_reason says why."""
+        try:
+            steps = list(steps) if isinstance(steps, np.ndarray) else steps
+            row, k = check_pool_row(question, steps, first_error_step, sep=self.sep, read_error=read_error)
+            # The raw text, not row's: canonicalising the question twice is not always a no-op.
+            enc = encode_trajectory(self.tokenizer, question, steps, sep=self.sep,
+                                    system_prompt=self.system_prompt, max_length=self.max_length)
+            if not enc.readout_positions:
+                raise StepFormatError(f"no step separator survives truncation to {self.max_length} tokens")
+        except (StepFormatError, TypeError, ValueError) as e:
+            return "", [], [], [], False, str(e), NO_ORACLE, 0, 0
+        # Keep labels consistent with what the model sees: an error beyond the truncation point is invisible.
+        k = -1 if k >= len(enc.readout_positions) else k
+        # Downstream (labeler, judge) sees exactly the canonical steps the model reads out.
+        return (enc.question, enc.steps, enc.input_ids, enc.readout_positions, True, "", k,
+                len(enc.readout_positions), row.sep_removed)
 
 
-class ScoreStage:
+class ScoreStage(Stage):
     """EnsemblePRM scoring with versioned weights: polls the coordinator between batches, swaps weights on a new version.
 
     Adds step_mean, step_std (lists, one per visible step) and model_version to every row (empty for invalid rows).
     """
 
-    required = ("id", "input_ids", "readout_positions", "valid")
+    needs = ("id", "input_ids", "readout_positions", "valid")
+    adds = ("step_mean", "step_std", "model_version")
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int = 16, coordinator=None, device: str | None = None,
                  dtype: str = "float32", pack_tokens: int = 0, attn_implementation: str | None = None):
@@ -150,10 +178,9 @@ class ScoreStage:
             self.model.load_published_state(load_file(path, device=str(self.device)))
             self.version = version
 
-    def __call__(self, batch: dict) -> dict:
+    def process(self, batch: dict) -> dict:
         from actprm_ray.model.scoring import score_encoded
 
-        _check_columns(batch, self.required, "ScoreStage")
         start = time.perf_counter()
         self._refresh_weights()
         n = len(batch["id"])
@@ -168,11 +195,11 @@ class ScoreStage:
         if self.coordinator is not None:
             self.coordinator.add.remote({"scored": len(valid), "score_out": n,
                                          "score_busy_s": time.perf_counter() - start})
-        return {**arrow_lists(batch), "step_mean": _typed(means, np.float64), "step_std": _typed(stds, np.float64),
+        return {"step_mean": _typed(means, np.float64), "step_std": _typed(stds, np.float64),
                 "model_version": np.full(n, self.version, dtype=np.int64)}
 
 
-class SelectStage:
+class SelectStage(Stage):
     """The selection rule of METHOD §4 per row (mode active | all | random | none). Invalid rows are never selected.
 
     In mode active two additions, both off by default: `audit_rate` labels that share of trusted rows anyway
@@ -180,7 +207,8 @@ class SelectStage:
     (select.RateController, or CoordinatorController for the streaming loop's shared one) replaces the fixed
     thresholds by a scale it moves to hold a target label rate."""
 
-    required = ("id", "valid", "step_mean", "step_std")
+    needs = ("id", "valid", "step_mean", "step_std")
+    adds = ("uncertain", "selected", "audit")
 
     def __init__(self, *, mode: str, delta_pred: float, delta_std: float, step_threshold: float, random_rate: float,
                  seed: int, audit_rate: float = 0.0, controller=None):
@@ -188,8 +216,7 @@ class SelectStage:
         self.controller = controller if mode == "active" else None
         self.thresholds = dict(delta_pred=delta_pred, delta_std=delta_std, step_threshold=step_threshold)
 
-    def __call__(self, batch: dict) -> dict:
-        _check_columns(batch, self.required, "SelectStage")
+    def process(self, batch: dict) -> dict:
         n = len(batch["id"])
         ids = [str(x) for x in batch["id"]]
         valid = np.asarray(batch["valid"], dtype=bool)
@@ -209,11 +236,17 @@ class SelectStage:
             audit[rows] = ~uncertain[rows] & candidates
         selected = (select_rows(self.mode, uncertain, ids, random_rate=self.random_rate, seed=self.seed)
                     | audit) & valid
-        return {**arrow_lists(batch), "uncertain": uncertain, "selected": selected, "audit": audit}
+        return {"uncertain": uncertain, "selected": selected, "audit": audit}
 
 
-class LabelStage:
-    """Wraps a labeler (oracle | vllm | http) so it shares the run's budget through the coordinator."""
+class LabelStage(Stage):
+    """Wraps a labeler (oracle | vllm | http) so it shares the run's budget through the coordinator.
+
+    Every labeler returns the label columns of label/base.py's empty_label_columns; the oracle also reads
+    oracle_first_error_step (which CanonicalizeStage and the label job's prepare_rows always add)."""
+
+    needs = ("id", "question", "steps", "selected")
+    adds = tuple(empty_label_columns(0))
 
     def __init__(self, labeler_cls, labeler_config, *, coordinator=None, **kwargs):
         from actprm_ray.pipeline.coordinator import CoordinatorBudget
@@ -222,15 +255,16 @@ class LabelStage:
         budget = CoordinatorBudget(coordinator) if coordinator is not None else None
         self.labeler = labeler_cls(labeler_config, budget=budget, **kwargs)
 
-    def __call__(self, batch: dict) -> dict:
+    def process(self, batch: dict) -> dict:
         start = time.perf_counter()
-        out = arrow_lists(self.labeler(batch))
+        labelled = self.labeler(batch)
+        out = {c: labelled[c] for c in self.adds}
         out["hard_labels"] = _typed(out["hard_labels"], np.int64)  # every labeler's lists, typed (see _typed)
         if self.coordinator is not None:
             ok = int(sum(1 for s in out["label_status"] if s == "ok"))
             self.coordinator.add.remote({"selected": int(np.sum(batch["selected"])), "labelled": ok,
                                          "label_busy_s": time.perf_counter() - start})
-            audits = audit_results(out)
+            audits = audit_results({**batch, **out})
             if audits:
                 self.coordinator.record_audits.remote(audits)
         return out
