@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig, mean_and_std  # noqa: E402
-from actprm_ray.model.scoring import score_encoded  # noqa: E402
+from actprm_ray.model.scoring import length_order, score_encoded  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, the MFU denominator
 QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -244,7 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     results, mus = [], {}
     for name in a.variants.split(","):
         r, mus[name] = run_variant(name, model, rows, batch_sizes, device, a.repeats)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"])) if name.startswith("ours") else list(range(len(rows)))
+        # The padding of the batches each variant ran: score_encoded's length order, or the input order.
+        order = (length_order([len(row["input_ids"]) for row in rows]) if name.startswith("ours")
+                 else list(range(len(rows))))
         r.update(rows_per_s=rows_n / r["wall_s"], tokens_per_s=tokens / r["wall_s"],
                  padding_fraction=1 - tokens / padded_tokens(rows, r["batch_size"], order),
                  tflops=flops / r["wall_s"] / 1e12, mfu=flops / r["wall_s"] / PEAK_BF16_FLOPS)

@@ -47,7 +47,7 @@ def test_qwen_prm_matches_a_by_hand_forward(ckpts):
     d = ckpts["qwen_prm"]
     assert "auto_map" in json.loads((d / "config.json").read_text())
     scorer = build_local_scorer(d, device="cpu")
-    got = scorer(ROWS)
+    got = scorer(ROWS, batch_size=2).mus
 
     tok = AutoTokenizer.from_pretrained(d)
     backbone = AutoModel.from_pretrained(d).eval()
@@ -67,8 +67,8 @@ def test_qwen_prm_matches_a_by_hand_forward(ckpts):
 @pytest.mark.parametrize("kind", ["qwen_prm", "ensemble"])
 def test_scores_do_not_depend_on_batch_padding(ckpts, kind):
     scorer = build_local_scorer(ckpts[kind], device="cpu")
-    alone = scorer([ROWS[0]])[0]
-    batched = scorer([ROWS[1], ROWS[0]])[1]  # padded to the long row's length
+    alone = scorer([ROWS[0]], batch_size=2).mus[0]
+    batched = scorer([ROWS[1], ROWS[0]], batch_size=2).mus[1]  # padded to the long row's length
     assert batched == pytest.approx(alone, abs=1e-5)
     assert all(0.0 < m < 1.0 for m in alone)
 
@@ -80,7 +80,72 @@ def test_ensemble_scorer_agrees_with_score_trajectories(ckpts):
     scorer = build_local_scorer(ckpts["ensemble"], device="cpu")
     model = EnsemblePRM.from_pretrained(ckpts["ensemble"]).eval()
     ref = score_trajectories(model, model.tokenizer, ROWS, sep="<extra_0>", system_prompt=DEFAULT_SYSTEM_PROMPT, batch_size=1)
-    assert scorer(ROWS) == [pytest.approx(r["step_mean"], abs=1e-6) for r in ref]
+    assert scorer(ROWS, batch_size=2).mus == [pytest.approx(r["step_mean"], abs=1e-6) for r in ref]
+
+
+def test_qwen_prm_scores_through_the_one_scoring_function(ckpts):
+    """QwenPRM has EnsemblePRM's score(batch) -> (µ, σ), σ = 0, so score_encoded serves it, packing included."""
+    from actprm_ray.model.scoring import score_encoded
+
+    model = QwenPRM.from_pretrained(ckpts["qwen_prm"]).eval()
+    encoded = []
+    for r in ROWS:
+        e = encode_trajectory(model.tokenizer, r["question"], r["steps"], sep=model.sep, system_prompt=DEFAULT_SYSTEM_PROMPT)
+        encoded.append({"input_ids": e.input_ids, "readout_positions": e.readout_positions})
+    padded = score_encoded(model, encoded, batch_size=2)
+    packed = score_encoded(model, encoded, pack_tokens=4096)
+    assert [r["step_std"] for r in padded] == [[0.0] * len(r["steps"]) for r in ROWS]
+    assert [r["step_mean"] for r in packed] == [pytest.approx(r["step_mean"], abs=1e-5) for r in padded]
+
+
+def test_local_scorer_leaves_rows_over_the_token_limit_unscored(ckpts):
+    """One call: rows over max_tokens come back unscored with the reason, the rest scored as if alone, and the
+    batches it reports are the length-sorted batches of the kept rows, as indices into the call's rows."""
+    scorer = build_local_scorer(ckpts["ensemble"], device="cpu")
+    rows = [{"id": f"r{n}", "question": "What is 2 + 3?", "steps": ["Add 2 and 3 to get 5."] * n} for n in (1, 6, 3, 2)]
+    tokens = [len(encode_trajectory(scorer.model.tokenizer, r["question"], r["steps"], sep=scorer.sep,
+                                    system_prompt=scorer.system_prompt).input_ids) for r in rows]
+    assert tokens[1] > tokens[2] > tokens[3] > tokens[0]  # more steps, more tokens
+    out = scorer(rows, batch_size=2, max_tokens=tokens[1] - 1)
+    assert out.lengths == tokens
+    assert out.reasons == {1: f"{tokens[1]} tokens exceed max_tokens={tokens[1] - 1}"}
+    assert out.batches == [[2, 3], [0]]  # kept rows 0, 2, 3, longest first; row 1 in none
+    assert out.mus[1] is None
+    for j in (0, 2, 3):
+        assert out.mus[j] == pytest.approx(scorer([rows[j]], batch_size=1).mus[0], abs=1e-5)
+
+
+def test_ray_scorer_batches_stay_inside_a_chunk():
+    """The batches reported for the Ray scorer are each chunk's own length batches (an actor scores a chunk
+    whole), whatever order the rows come back in; invalid rows carry their reason."""
+    from actprm_ray.eval.ray_scorer import _chunk_rows, _scored
+
+    # chunk 0 = rows 0-2 (lengths 5, 9, 7), chunk 1 = rows 3-5 (lengths 3, 8, 4; row 5 invalid).
+    out = [{"id": str(j), "chunk": j // 3, "num_tokens": n, "valid": j != 5,
+            "invalid_reason": "too long" if j == 5 else "", "step_mean": [j / 10]}
+           for j, n in enumerate([5, 9, 7, 3, 8, 4])][::-1]
+    got = _scored(6, out, batch_size=2)
+    assert got.batches == [[1, 2], [0], [4, 3]]  # not [[1, 4], [2, 0], [3]], which would cross chunks
+    assert got.lengths == [5, 9, 7, 3, 8, 4] and got.reasons == {5: "too long"}
+    assert got.mus == [[0.0], [0.1], [0.2], [0.3], [0.4], None]
+    # Every actor gets a chunk (10 rows over 4 actors: chunks of 3), none larger than the filter's 1,024 rows.
+    assert (_chunk_rows(10, 4), _chunk_rows(10, 1), _chunk_rows(5000, 1), _chunk_rows(2, 8)) == (3, 10, 1024, 1)
+
+
+def test_limit_tokens_marks_long_valid_rows_invalid():
+    import numpy as np
+
+    from actprm_ray.eval.ray_scorer import limit_tokens
+
+    batch = {"input_ids": np.array([np.arange(3), np.arange(6), np.arange(9)], dtype=object),
+             "valid": np.array([True, True, False]),
+             "invalid_reason": np.array(["", "", "x"])}  # fixed-width <U1: a longer reason must not be cut
+    out = limit_tokens(batch, max_tokens=5)
+    assert out["num_tokens"].tolist() == [3, 6, 9]
+    assert out["valid"].tolist() == [True, False, False]  # row 2 was invalid already and keeps its reason
+    assert list(out["invalid_reason"]) == ["", "6 tokens exceed max_tokens=5", "x"]
+    assert batch["valid"].tolist() == [True, True, False] and list(batch["invalid_reason"]) == ["", "", "x"]
+    assert limit_tokens(batch, max_tokens=None)["valid"].tolist() == [True, True, False]
 
 
 def test_qwen_prm_missing_head_is_a_clear_error(tmp_path):
@@ -205,17 +270,23 @@ def test_smoke_run_defaults(monkeypatch, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow  # ~70 s on the shared 2-core box: two actor stages each load the model
 def test_ray_data_scorer_matches_local_scorer(ckpts, ray_local):
-    """The loop's Ray Data stages give the same µ as the in-process scorer, row for row (order restored)."""
+    """The filter's Ray Data stages give the same µ as the in-process scorer, row for row (order restored)."""
     from actprm_ray.eval.batching import score_rows
     from actprm_ray.eval.ray_scorer import RayDataScorer
 
     ray_scorer = RayDataScorer(ckpts["ensemble"], batch_size=2)
-    assert [s.name for s in ray_scorer.plan().stages] == ["canonicalize", "score"]
+    # The filter's stages, with evaluation's token limit between them.
+    assert ray_scorer.plan().stage_names() == ["canonicalize", "limit_tokens", "score"]
     rows = ROWS + [{"id": "third", "question": "Is 7 prime?", "steps": ["7 has no divisors but 1 and 7.", "Yes."]}]
-    via_ray = score_rows(rows, ray_scorer, batch_size=2)
-    local = score_rows(rows, build_local_scorer(ckpts["ensemble"], device="cpu"), batch_size=2)
-    assert via_ray.mus == [pytest.approx(m, abs=1e-5) for m in local.mus]
-    assert via_ray.padding_after == local.padding_after  # same token lengths, same bucketing
+    local_scorer = build_local_scorer(ckpts["ensemble"], device="cpu")
+    tokens = [len(encode_trajectory(local_scorer.model.tokenizer, r["question"], r["steps"], sep=local_scorer.sep,
+                                    system_prompt=local_scorer.system_prompt).input_ids) for r in rows]
+    limit = max(tokens) - 1  # the longest row is over the limit: unscored, with the same reason on both paths
+    via_ray = score_rows(rows, ray_scorer, batch_size=2, max_tokens=limit)
+    local = score_rows(rows, local_scorer, batch_size=2, max_tokens=limit)
+    assert via_ray.mus == [pytest.approx(m, abs=1e-5) if m is not None else None for m in local.mus]
+    assert via_ray.unscorable == local.unscorable and len(local.unscorable) == 1
+    assert via_ray.padding_after == local.padding_after  # same token lengths, same bucketing (one chunk)
 
 
 def test_report_row_follows_the_paper_columns():

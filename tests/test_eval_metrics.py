@@ -5,7 +5,8 @@ import math
 import pytest
 
 from actprm_ray.eval import metrics as M
-from actprm_ray.eval.batching import length_sorted_batches, padding_stats, score_rows, sequential_batches
+from actprm_ray.eval.batching import Scored, padding_stats, score_rows, sequential_batches, token_limit_reason
+from actprm_ray.model.scoring import length_batches
 
 # ---------------------------------------------------------------------------------------------------------------
 # ProcessBench
@@ -165,7 +166,7 @@ def test_padding_fraction_before_and_after_sorting():
     before = padding_stats(lengths, sequential_batches(4, 2))
     assert (before["padded"], before["total"]) == (16, 38)
     # Sorted: [10, 9] -> 20 slots, 1 padded; [2, 1] -> 4 slots, 1 padded: 2/24.
-    batches = length_sorted_batches(lengths, 2)
+    batches = length_batches(lengths, 2)  # what score_encoded runs: longest first
     assert batches == [[0, 2], [1, 3]]
     after = padding_stats(lengths, batches)
     assert (after["padded"], after["total"]) == (2, 24)
@@ -174,19 +175,22 @@ def test_padding_fraction_before_and_after_sorting():
 
 
 class _FakeScorer:
-    """Scores step j of a row as (j + 1) / 10 and records each batch, to check ordering and bucketing."""
+    """Scores step j of a row as (j + 1) / 10, with 10 tokens per step, in score_encoded's batches; records
+    the rows and settings of each call."""
 
     sep = "<extra_0>"
 
-    def __init__(self):
-        self.batches = []
+    def __init__(self, mus=None):
+        self.calls, self.mus = [], mus
 
-    def lengths(self, rows):
-        return [len(r["steps"]) * 10 for r in rows]
-
-    def __call__(self, rows):
-        self.batches.append([r["id"] for r in rows])
-        return [[(j + 1) / 10 for j in range(len(r["steps"]))] for r in rows]
+    def __call__(self, rows, *, batch_size, max_tokens=None, progress=None):
+        self.calls.append(([r["id"] for r in rows], batch_size, max_tokens))
+        lengths = [len(r["steps"]) * 10 for r in rows]
+        reasons = {j: why for j, n in enumerate(lengths) if (why := token_limit_reason(n, max_tokens))}
+        keep = [j for j in range(len(rows)) if j not in reasons]
+        mus = self.mus or [[(k + 1) / 10 for k in range(len(r["steps"]))] for r in rows]
+        batches = [[keep[i] for i in b] for b in length_batches([lengths[j] for j in keep], batch_size)]
+        return Scored([None if j in reasons else mus[j] for j in range(len(rows))], reasons, lengths, batches)
 
 
 def test_score_rows_keeps_input_order_and_skips_unscorable_rows():
@@ -195,29 +199,27 @@ def test_score_rows_keeps_input_order_and_skips_unscorable_rows():
         {"id": "bad", "question": "q", "steps": ["x", "   "]},  # empty after normalisation
         {"id": "b", "question": "q", "steps": ["x", "y", "z"]},
         {"id": "c", "question": "q", "steps": ["x", "y"]},
+        {"id": "long", "question": "q", "steps": ["x"] * 5},  # 50 tokens > max_tokens
     ]
     scorer = _FakeScorer()
-    res = score_rows(rows, scorer, batch_size=2)
-    assert res.mus == [[0.1], None, [0.1, 0.2, 0.3], [0.1, 0.2]]
-    assert [u["id"] for u in res.unscorable] == ["bad"]
-    assert scorer.batches == [["b", "c"], ["a"]]  # longest first
+    res = score_rows(rows, scorer, batch_size=2, max_tokens=40)
+    assert res.mus == [[0.1], None, [0.1, 0.2, 0.3], [0.1, 0.2], None]
+    assert res.unscorable == [{"id": "bad", "reason": "step 1 is empty after normalisation"},
+                              {"id": "long", "reason": "50 tokens exceed max_tokens=40"}]
+    assert scorer.calls == [(["a", "b", "c", "long"], 2, 40)]  # one call: the scorer batches
     # lengths 10, 30, 20: in order [10, 30] + [20] -> 20 padded of 80; sorted [30, 20] + [10] -> 10 of 70.
     assert (res.padding_before["padded"], res.padding_before["total"]) == (20, 80)
     assert (res.padding_after["padded"], res.padding_after["total"]) == (10, 70)
-    assert res.rows == 3 and res.steps == 6 and res.summary()["unscorable"] == 1
+    assert res.rows == 3 and res.steps == 6 and res.batches == 2 and res.summary()["unscorable"] == 2
 
 
 def test_score_rows_rejects_a_scorer_with_the_wrong_shape():
     rows = [{"id": "a", "question": "q", "steps": ["x", "y"]}]
     with pytest.raises(RuntimeError, match="1 scores for 2 steps"):
-        score_rows(rows, lambda rs: [[0.5] for _ in rs])
+        score_rows(rows, _FakeScorer(mus=[[0.5]]))
     with pytest.raises(RuntimeError, match="non-finite"):
-        score_rows(rows, lambda rs: [[0.5, math.nan] for _ in rs])
-
-
-def test_score_rows_without_lengths_uses_characters():
-    rows = [{"id": "a", "question": "qq", "steps": ["xyz"]}, {"id": "b", "question": "q", "steps": ["x"]}]
-    res = score_rows(rows, lambda rs: [[0.9] * len(r["steps"]) for r in rs], batch_size=2)
-    assert res.length_unit == "chars"
-    # lengths 5 and 2 in one batch: 10 slots, 3 padded.
-    assert (res.padding_after["padded"], res.padding_after["total"]) == (3, 10)
+        score_rows(rows, _FakeScorer(mus=[[0.5, math.nan]]))
+    with pytest.raises(RuntimeError, match="unscored without a reason"):
+        score_rows(rows, lambda rs, **_: Scored([None], {}, [20], []))
+    with pytest.raises(RuntimeError, match="returned 0 rows"):
+        score_rows(rows, lambda rs, **_: Scored([], {}, [], []))

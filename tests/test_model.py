@@ -25,7 +25,7 @@ from actprm_ray.model.ensemble_prm import (
     mean_and_std,
     refuse_pickle_files,
 )
-from actprm_ray.model.scoring import score_trajectories
+from actprm_ray.model.scoring import score_encoded, score_trajectories
 
 SEP = DEFAULT_SEP
 ROWS = [
@@ -264,6 +264,40 @@ def test_score_trajectories_shapes_order_and_padding(tiny_prm):
         assert batched["step_std"] == pytest.approx(single["step_std"], abs=1e-5)
         assert all(0.0 < m < 1.0 for m in single["step_mean"])
         assert all(s >= 0.0 for s in single["step_std"])
+
+
+class _WidthModel:
+    """A stand-in PRM for score_encoded: µ = the batch's padded width, σ = the read-out position; records widths."""
+
+    class tokenizer:  # noqa: N801 -- only the pad id is read
+        pad_token_id = None
+
+    def __init__(self):
+        self.widths = []
+
+    def eval(self):
+        return self
+
+    def score(self, batch):
+        width = batch["input_ids"].shape[1]
+        self.widths.append(width)
+        return torch.full(batch["readout_pos"].shape, float(width)), batch["readout_pos"].float()
+
+
+def test_score_encoded_runs_longest_batches_first_and_answers_in_input_order():
+    lengths = [2, 9, 5, 7, 1]
+    encoded = [{"input_ids": [1] * n, "readout_positions": [n - 1]} for n in lengths]
+    model, done = _WidthModel(), []
+    out = score_encoded(model, encoded, batch_size=2, on_batch=done.append)
+    assert model.widths == [9, 5, 1]  # batches [9, 7], [5, 2], [1]: the largest first (an OOM fails at once)
+    assert done == [2, 2, 1]  # rows per forward pass, for progress reports
+    assert [r["step_mean"] for r in out] == [[5.0], [9.0], [5.0], [9.0], [1.0]]
+    assert [r["step_std"] for r in out] == [[n - 1.0] for n in lengths]
+    # Packed into lines of <= 12 tokens, in the same order: [9], [7, 5], [2, 1].
+    model = _WidthModel()
+    out = score_encoded(model, encoded, pack_tokens=12)
+    assert model.widths == [9, 12, 3]
+    assert [r["step_mean"] for r in out] == [[3.0], [9.0], [12.0], [12.0], [3.0]]
 
 
 def test_separator_in_question_adds_no_score(tiny_prm):

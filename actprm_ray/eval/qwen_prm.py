@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from actprm_ray.data.step_format import DEFAULT_SEP
-from actprm_ray.eval.scorers import LocalScorer, default_device
 
 HEAD_KEYS = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
 
@@ -80,7 +79,8 @@ def load_score_head(directory: str | Path, hidden_size: int) -> nn.Sequential:
 
 
 class QwenPRM(nn.Module):
-    """Backbone + two-class head; forward returns p(correct) at the read-out positions."""
+    """Backbone + two-class head. `score(batch) -> (µ, σ)` is EnsemblePRM's interface, so the one scoring
+    function (model/scoring.score_encoded) serves both: µ = p(correct), σ = 0 (one head, no spread)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Sequential, tokenizer, sep: str = DEFAULT_SEP):
         super().__init__()
@@ -103,36 +103,19 @@ class QwenPRM(nn.Module):
         head = load_score_head(d, backbone.config.hidden_size)
         return cls(backbone, head, tokenizer, sep)
 
-    def forward(self, input_ids, attention_mask, readout_batch, readout_pos) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+    def forward(self, input_ids, attention_mask, readout_batch, readout_pos, position_ids=None) -> torch.Tensor:
+        """p(correct) (N,) at the N read-out positions. Packed input (data/collate.pack_encoded) passes
+        position_ids and attention_mask=None; no KV cache, or transformers would not look for packed rows."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state  # (B, T, d)
         feats = hidden[readout_batch, readout_pos].float()  # (N, d), gathered before the head
         return torch.softmax(self.head(feats), dim=-1)[:, 1]  # (N,)
 
-
-class QwenPRMScorer(LocalScorer):
-    """µ = p(correct) from a QwenPRM; batches are right-padded (positions of real tokens are unchanged)."""
-
-    def __init__(self, model: QwenPRM, *, system_prompt: str, device: torch.device | None = None):
-        device = device or default_device()
-        super().__init__(model.tokenizer, sep=model.sep, system_prompt=system_prompt, device=device)
-        self.model = model.to(device).eval()
-        pad = model.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else 0
-
-    def _score(self, encoded: list[dict]) -> list[list[float]]:
-        from actprm_ray.data.collate import collate_encoded
-
-        batch = collate_encoded(encoded, self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        p = self.model(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
-        p, rows = p.cpu().tolist(), batch["readout_batch"].cpu().tolist()
-        out: list[list[float]] = [[] for _ in encoded]
-        for value, b in zip(p, rows):
-            out[b].append(value)
-        return out
-
-    def describe(self) -> dict:
-        return {**super().describe(), "kind": "qwen_prm"}
+    def score(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(µ, σ) per read-out position for a collated or packed batch: µ = p(correct), σ = 0."""
+        mu = self(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"],
+                  batch.get("position_ids"))
+        return mu, torch.zeros_like(mu)
 
 
 def build_tiny_qwen_prm(out_dir: str | Path, *, seed: int = 0, head_gain: float = 1.5) -> Path:

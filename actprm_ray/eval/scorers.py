@@ -1,25 +1,28 @@
-"""In-process scorers for evaluation: a checkpoint directory -> `scorer(rows) -> per-step µ`.
+"""The in-process scorer for evaluation: a checkpoint directory -> `LocalScorer`, a batching.Scorer.
 
 Two checkpoint kinds load without trust_remote_code:
 - "ensemble": our EnsemblePRM directories (config.json with an "actprm" section); µ = mean head probability.
 - "qwen_prm": Qwen2.5-Math-PRM-style directories (a `score.0/score.2` two-class head in the safetensors);
   µ = softmax(logits)[1] at each separator (see qwen_prm.py).
-Both encode rows with the one canonical step format (data/step_format.py), so evaluation sees exactly what
-training and loop scoring see. These scorers are the local stand-in for the Ray Data scorer stage: anything
-with the same call shape plugs into batching.score_rows.
+Both models have `score(batch) -> (µ, σ)`, so one scorer serves both and scores with the one scoring function,
+model/scoring.score_encoded. Both encode rows with the one canonical step format (data/step_format.py), so
+evaluation sees exactly what training and loop scoring see.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, encode_trajectory
+from actprm_ray.eval.batching import Scored, token_limit_reason
+from actprm_ray.model.scoring import length_batches, score_encoded
 
-TINY_SPECS = ("tiny", "tiny_qwen_prm")  # --checkpoint values that build an offline test model on the fly
+TINY_SPECS = ("tiny", "tiny_qwen_prm")  # eval.checkpoint values that build an offline test model on the fly
 
 
 def default_device() -> torch.device:
@@ -32,63 +35,36 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class LocalScorer:
-    """Encodes rows with the canonical format, caches the encodings between `lengths` and the call, and leaves
-    the forward pass to `_score(encoded) -> per-row µ lists` in subclasses."""
+    """Scores rows in this process: encodes each row once with the canonical format, then score_encoded.
 
-    def __init__(self, tokenizer, *, sep: str, system_prompt: str, device: torch.device):
-        self.tokenizer, self.sep, self.system_prompt, self.device = tokenizer, sep, system_prompt, device
-        self._cache: dict[tuple, dict] = {}
+    `info` says what the model is ({"kind": ..., and for an ensemble "n_heads"}), for the report's meta."""
 
-    @staticmethod
-    def _key(row: dict) -> tuple:
-        return (row["id"], row["question"], tuple(row["steps"]))
+    def __init__(self, model, *, sep: str, system_prompt: str, device: torch.device, info: dict):
+        self.model = model.to(device).eval()
+        self.sep, self.system_prompt, self.device, self.info = sep, system_prompt, device, info
 
     def _encode(self, row: dict) -> dict:
-        e = encode_trajectory(self.tokenizer, row["question"], row["steps"], sep=self.sep,
+        e = encode_trajectory(self.model.tokenizer, row["question"], row["steps"], sep=self.sep,
                               system_prompt=self.system_prompt)  # no max_length: no truncation at evaluation
-        # int32 arrays: a full PRMBench pass caches ~7M token ids, which as Python ints would cost ~250 MB.
+        # int32 arrays: a full PRMBench pass holds ~7M token ids, which as Python ints would cost ~250 MB.
         return {"input_ids": np.asarray(e.input_ids, dtype=np.int32), "readout_positions": e.readout_positions}
 
-    def lengths(self, rows: list[dict]) -> list[int]:
-        """Token count of each row (prompt + assistant span); the encodings are kept for the scoring call."""
-        out = []
-        for row in rows:
-            key = self._key(row)
-            if key not in self._cache:
-                self._cache[key] = self._encode(row)
-            enc = self._cache[key]
-            out.append(len(enc["input_ids"]))
-        return out
-
-    def __call__(self, rows: list[dict]) -> list[list[float]]:
-        encoded = [self._cache.pop(self._key(r), None) or self._encode(r) for r in rows]
-        with torch.no_grad():
-            return self._score(encoded)
-
-    def _score(self, encoded: list[dict]) -> list[list[float]]:
-        raise NotImplementedError
+    def __call__(self, rows: list[dict], *, batch_size: int, max_tokens: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> Scored:
+        encoded = [self._encode(r) for r in rows]
+        lengths = [len(e["input_ids"]) for e in encoded]
+        reasons = {j: why for j, n in enumerate(lengths) if (why := token_limit_reason(n, max_tokens))}
+        keep = [j for j in range(len(rows)) if j not in reasons]
+        out = score_encoded(self.model, [encoded[j] for j in keep], batch_size=batch_size, device=self.device,
+                            on_batch=progress)
+        mus: list[list[float] | None] = [None] * len(rows)
+        for j, r in zip(keep, out):
+            mus[j] = r["step_mean"]
+        batches = [[keep[i] for i in b] for b in length_batches([lengths[j] for j in keep], batch_size)]
+        return Scored(mus, reasons, lengths, batches)
 
     def describe(self) -> dict:
-        return {"sep": self.sep, "system_prompt": self.system_prompt, "device": str(self.device)}
-
-
-class EnsembleScorer(LocalScorer):
-    """µ from an EnsemblePRM: the mean over heads of sigmoid(logit) at each separator."""
-
-    def __init__(self, model, *, system_prompt: str | None = None, device: torch.device | None = None):
-        device = device or default_device()
-        prompt = system_prompt if system_prompt is not None else (model.config.system_prompt or DEFAULT_SYSTEM_PROMPT)
-        super().__init__(model.tokenizer, sep=model.config.sep, system_prompt=prompt, device=device)
-        self.model = model.to(device).eval()
-
-    def _score(self, encoded: list[dict]) -> list[list[float]]:
-        from actprm_ray.model.scoring import score_encoded
-
-        out = score_encoded(self.model, encoded, batch_size=len(encoded), device=self.device)
-        return [r["step_mean"] for r in out]
-
-    def describe(self) -> dict:
-        return {**super().describe(), "kind": "ensemble", "n_heads": self.model.config.n_heads}
+        return {"sep": self.sep, "system_prompt": self.system_prompt, "device": str(self.device), **self.info}
 
 
 def checkpoint_kind(directory: str | Path) -> str:
@@ -131,17 +107,22 @@ def build_tiny_checkpoint(spec: str, workdir: str | Path, seed: int = 0) -> Path
 
 def build_local_scorer(checkpoint: str | Path, *, kind: str = "auto", device: str | None = None,
                        system_prompt: str | None = None) -> LocalScorer:
-    """Load `checkpoint` (kind "auto" | "ensemble" | "qwen_prm") as an in-process scorer."""
+    """Load `checkpoint` (kind "auto" | "ensemble" | "qwen_prm") as an in-process scorer. The system prompt
+    defaults to the ensemble's own (the format its heads were trained on), else DEFAULT_SYSTEM_PROMPT."""
     dev = torch.device(device) if device else default_device()
     dtype = default_dtype(dev)
     kind = checkpoint_kind(checkpoint) if kind == "auto" else kind
     if kind == "ensemble":
         from actprm_ray.model.ensemble_prm import EnsemblePRM
 
-        return EnsembleScorer(EnsemblePRM.from_pretrained(checkpoint, dtype=dtype), system_prompt=system_prompt, device=dev)
+        model = EnsemblePRM.from_pretrained(checkpoint, dtype=dtype)
+        prompt = system_prompt if system_prompt is not None else (model.config.system_prompt or DEFAULT_SYSTEM_PROMPT)
+        return LocalScorer(model, sep=model.config.sep, system_prompt=prompt, device=dev,
+                           info={"kind": "ensemble", "n_heads": model.config.n_heads})
     if kind == "qwen_prm":
-        from actprm_ray.eval.qwen_prm import QwenPRM, QwenPRMScorer
+        from actprm_ray.eval.qwen_prm import QwenPRM
 
         model = QwenPRM.from_pretrained(checkpoint, dtype=dtype)
-        return QwenPRMScorer(model, system_prompt=system_prompt or DEFAULT_SYSTEM_PROMPT, device=dev)
+        return LocalScorer(model, sep=model.sep, system_prompt=system_prompt or DEFAULT_SYSTEM_PROMPT, device=dev,
+                           info={"kind": "qwen_prm"})
     raise ValueError(f"unknown checkpoint kind {kind!r}; choose auto, ensemble or qwen_prm")
