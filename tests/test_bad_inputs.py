@@ -177,7 +177,7 @@ def test_loop_accounts_every_bad_row(ray_local, corpus, tmp_path):
 
 
 @pytest.mark.ray
-def test_train_job_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_path):
+def test_train_job_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_path, capsys):
     from actprm_ray.train.supervised import run_supervised
 
     d, kinds = corpus
@@ -186,6 +186,13 @@ def test_train_job_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_pat
         "train.lr=1e-3", "train.warmup_steps=2", "train.micro_batch_size=8", "train.checkpoint_every=5",
         "pipeline.score_batch_size=8"])
     summary = run_supervised(cfg, init_checkpoint=str(checkpoint))
+    run_dir = tmp_path / "bad-inputs-train"
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train]")]
+    assert said[:3] == [f"[train] run dir {run_dir}", f"[train] init {checkpoint}", "[train] plan:"], said
+    assert set(summary) == {"run_dir", "init", "data", "rows_read", "outcomes", "identity_holds", "failure_reasons",
+                            "optimizer_steps", "final_loss", "wall_time_s", "checkpoint", "config"}
+    assert json.loads((run_dir / "summary.json").read_text())["rows_read"] == len(kinds)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "init" / "config.json").is_file()
     assert summary["identity_holds"] and summary["rows_read"] == len(kinds)
     outcomes = {r["id"]: r for r in pq.read_table(f"{summary['run_dir']}/outcomes.parquet").to_pylist()}
     assert sorted(outcomes) == sorted(kinds)
@@ -230,6 +237,11 @@ def test_label_job_accounts_every_bad_row(ray_local, corpus, tmp_path):
     out = tmp_path / "labelled"
     args, cfg = parse_label_args(["--input", str(d), "--output", str(out), "pipeline.label_batch_size=8"])
     summary = run_label(cfg, args)
+    assert set(summary) == {"input", "output", "rows_read", "rows", "status", "identity_holds", "invalid_reasons",
+                            "cache_hits", "judge_prompt_tokens", "judge_generated_tokens", "failure_rate",
+                            "cost_model_tokens_N_times_C", "rows_paid_this_run", "budget", "judge", "wall_time_s"}
+    assert summary["output"] == str(out) and (out / "config.yaml").is_file()
+    assert json.loads((out / "label_summary.json").read_text())["rows"] == len(kinds)
     assert summary["identity_holds"] and summary["rows_read"] == summary["rows"] == len(kinds)
     rows = {r["id"]: r for r in pq.read_table(out / "labelled").to_pylist()}
     assert sorted(rows) == sorted(kinds)

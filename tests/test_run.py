@@ -33,6 +33,49 @@ def test_parse_job_args_refuses_unknown_flags(argv, capsys):
     assert e.value.code == 2 and "unknown flags" in capsys.readouterr().err
 
 
+def _filter(argv):
+    from actprm_ray.pipeline.filter import parse_filter_args
+
+    args, cfg = parse_filter_args(["--input", "in", *argv])
+    return args.input, cfg
+
+
+def _label(argv):
+    from actprm_ray.pipeline.label_job import parse_label_args
+
+    args, cfg = parse_label_args(["--input", "in", "--output", "out", *argv])
+    return args.input, cfg
+
+
+def _train(argv):
+    from actprm_ray.train.supervised import parse_train_args
+
+    init, cfg = parse_train_args(["--init_checkpoint", "in", *argv])
+    return init, cfg
+
+
+JOBS = {"jobs/filter.py": _filter, "jobs/label.py": _label, "jobs/train.py": _train}
+
+
+@pytest.mark.parametrize("prog", sorted(JOBS))
+def test_every_job_reads_its_flags_then_config_then_overrides(prog, tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("run:\n  name: from_file\ntrain:\n  lr: 0.5\n")
+    own, cfg = JOBS[prog](["--config", str(conf), "train.lr=0.25"])
+    assert own == "in" and cfg.run.name == "from_file" and cfg.train.lr == 0.25  # the override wins over the file
+    own, cfg = JOBS[prog](["selection.delta_pred=0.75"])
+    assert cfg.selection.delta_pred == 0.75 and cfg.train.lr == load_config().train.lr
+
+
+@pytest.mark.parametrize("prog", sorted(JOBS))
+@pytest.mark.parametrize("bad", [["--no_such_flag"], ["--conf", "c.yaml"]])
+def test_every_job_refuses_unknown_and_abbreviated_flags(prog, bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        JOBS[prog](bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: {prog}" in err and "unknown flags" in err
+
+
 def test_run_writes_config_outcomes_and_summary(tmp_path, capsys):
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "labeler.kind=http"])
     with Run(cfg, tmp_path / "r", tag="job") as run:

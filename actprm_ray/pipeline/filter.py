@@ -25,7 +25,6 @@ its own; the label job and the loop, which account rows by id, turn later occurr
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -38,11 +37,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actprm_ray.config import Config, load_config, run_directory
+from actprm_ray.config import Config, run_directory
+from actprm_ray.data.rows import NO_ORACLE
 from actprm_ray.data.shards import Chunk, filesystem, list_shards, plan_chunks, read_chunk
 from actprm_ray.ledger import run_ledger_uri, shards_folder
 from actprm_ray.pipeline.plan import Plan, StageSpec
-from actprm_ray.pipeline.stages import NO_ORACLE, CanonicalizeStage, ScoreStage, SelectStage
+from actprm_ray.pipeline.run import init_ray_from, job_parser, parse_job_args
+from actprm_ray.pipeline.stages import CanonicalizeStage, ScoreStage, SelectStage, check_columns
 
 FORMAT_VERSION = 1
 CHUNK_BLOCK_BYTES = 256 * 2**20  # Ray Data block size for the filter: a whole chunk (a few MB) in one block
@@ -81,21 +82,20 @@ class FilterArgs:
 
 # -- pipeline stages ------------------------------------------------------------------------------------------------
 class CarryCanonicalizeStage(CanonicalizeStage):
-    """CanonicalizeStage that passes `carry` columns through unchanged and adds `num_steps_given` (steps as
-    given, before truncation; 0 if not a list).
+    """CanonicalizeStage that passes `carry` columns through unchanged (where the batch has them) and adds
+    `num_steps_given` (steps as given, before truncation; 0 if not a list).
 
     (CanonicalizeStage keeps only its own columns; the filter needs the chunk key, stage-2 training the labels.)
     """
 
+    adds = (*CanonicalizeStage.adds, "num_steps_given")
+
     def __init__(self, tokenizer_dir: str, *, carry: tuple[str, ...] = (), **kwargs):
         super().__init__(tokenizer_dir, **kwargs)
-        self.carry = tuple(carry)
+        self.keeps = tuple(carry)
 
-    def __call__(self, batch: dict) -> dict:
-        out = super().__call__(batch)
-        for c in self.carry:
-            if c in batch:
-                out[c] = batch[c]
+    def process(self, batch: dict) -> dict:
+        out = super().process(batch)
         out["num_steps_given"] = np.asarray([len(s) if isinstance(s, (list, np.ndarray)) else 0
                                              for s in batch["steps"]], dtype=np.int64)
         # Token ids as int32 arrays: Ray pickles an object column of Python int lists element by element, which
@@ -108,7 +108,11 @@ class CarryCanonicalizeStage(CanonicalizeStage):
 
 class FilterScoreStage(ScoreStage):
     """ScoreStage with a fixed checkpoint that scores each chunk on its own (see the module docstring: exact
-    reruns) and stamps the checkpoint's model_version on every row."""
+    reruns) and stamps the checkpoint's model_version on every row. Scored, the token ids go: nothing after
+    needs them."""
+
+    needs = (*ScoreStage.needs, "shard", "chunk", "chunk_rows")
+    drops = ("input_ids", "readout_positions")
 
     def __init__(self, checkpoint_dir: str, *, batch_size: int, dtype: str, model_version: int, unbiased_std: bool,
                  torch_threads: int | None = None, pack_tokens: int = 0, attn_implementation: str | None = None):
@@ -121,7 +125,7 @@ class FilterScoreStage(ScoreStage):
         self.model.config.unbiased_std = unbiased_std  # the σ estimator is a selection setting (config), not a weight
         self.model_version = model_version
 
-    def __call__(self, batch: dict) -> dict:
+    def process(self, batch: dict) -> dict:
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, key in enumerate(zip(batch["shard"].tolist(), batch["chunk"].tolist())):
             groups[key].append(i)
@@ -130,17 +134,24 @@ class FilterScoreStage(ScoreStage):
                 # Scoring part of a chunk would change the padded batches, and so the last bits of µ, on a rerun.
                 raise RuntimeError(f"chunk {chunk} of shard {shard} reached the scorer split ({len(idx)} of "
                                    f"{int(batch['chunk_rows'][idx[0]])} rows): lower --chunk_rows")
-        parts = [super(FilterScoreStage, self).__call__({k: v[np.asarray(idx)] for k, v in batch.items()})
-                 for idx in groups.values()]
-        out = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
-        out["model_version"] = np.full(len(out["id"]), self.model_version, dtype=np.int64)
-        del out["input_ids"], out["readout_positions"]  # scored: nothing downstream needs the tokens
-        return out
+        n = len(batch["id"])
+        means, stds = np.empty(n, dtype=object), np.empty(n, dtype=object)
+        for idx in groups.values():
+            part = super().process({k: v[np.asarray(idx)] for k, v in batch.items()})
+            for i, mean, std in zip(idx, part["step_mean"], part["step_std"]):
+                means[i], stds[i] = mean, std
+        return {"step_mean": means, "step_std": stds,
+                "model_version": np.full(n, self.model_version, dtype=np.int64)}
+
+
+# What finish_chunk reads besides SelectStage's needs: the filter's output columns (WORK_SCHEMA).
+FINISH_NEEDS = ("question", "steps", "model_version", "oracle_first_error_step", "invalid_reason", "shard", "chunk")
 
 
 def finish_chunk(batch: dict, *, mode: str, delta_pred: float, delta_std: float, step_threshold: float,
                  random_rate: float, seed: int, std_estimator: str) -> pa.Table:
     """Apply the selection rule (SelectStage) and keep the output columns, as an Arrow table (WORK_SCHEMA)."""
+    check_columns(batch, FINISH_NEEDS, "finish_chunk")
     sel = SelectStage(mode=mode, delta_pred=delta_pred, delta_std=delta_std, step_threshold=step_threshold,
                       random_rate=random_rate, seed=seed)(batch)
     n = len(sel["id"])
@@ -420,10 +431,7 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
     second half of the rows so that start-up and the first chunks' queueing behind it cancel out."""
     import ray.data
 
-    from actprm_ray.pipeline.ray_env import init_ray
-
-    init_ray(num_cpus=cfg.run.ray_num_cpus, no_progress_timeout_s=cfg.pipeline.no_progress_timeout_s,
-             object_store_limit_mb=cfg.pipeline.object_store_limit_mb, block_size_kb=cfg.pipeline.block_size_kb)
+    init_ray_from(cfg)
     plan = build_filter_plan(cfg, model_dir, version, torch_threads=torch_threads,
                              source=f"{len(chunks)} chunks of <= {args.chunk_rows} rows",
                              sink=f"driver: per-shard Parquet under {args.output}")
@@ -498,10 +506,9 @@ def _summarize(store, shards, skipped, rows_this_run, wall_s, args, model_dir, v
 def parse_filter_args(argv: list[str]) -> tuple[FilterArgs, Config]:
     """`--checkpoint DIR --input PATH --output DIR [--write_all] [--chunk_rows N] [--model_version N]
     [--config FILE] [a.b=c ...]`: the filter's own flags, then the shared Config (selection.*, pipeline.*, ...)."""
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="jobs/filter.py", description="Score a trajectory set once with a fixed checkpoint; keep the uncertain rows.",
-        epilog="Any a.b=c argument overrides the shared config, e.g. selection.delta_pred=0.9 pipeline.score_actors=4.")
+    p = job_parser("jobs/filter.py", "Score a trajectory set once with a fixed checkpoint; keep the uncertain rows.",
+                   epilog="Any a.b=c argument overrides the shared config, e.g. selection.delta_pred=0.9 "
+                          "pipeline.score_actors=4.")
     p.add_argument("--checkpoint", default="", help="EnsemblePRM checkpoint dir (or a loop checkpoint holding model/); "
                    "default: fresh heads on model.backbone")
     p.add_argument("--input", default="", help="Parquet/JSONL file or folder of shards (local or URI); default: synthetic pool")
@@ -509,11 +516,6 @@ def parse_filter_args(argv: list[str]) -> tuple[FilterArgs, Config]:
     p.add_argument("--write_all", action="store_true", help="also write the discarded rows' scores")
     p.add_argument("--chunk_rows", type=int, default=FilterArgs.chunk_rows, help="rows per chunk (unit of scoring)")
     p.add_argument("--model_version", type=int, default=None, help="model_version to record (default: the checkpoint's)")
-    p.add_argument("--config", default=None, help="YAML config file, applied before the a.b=c overrides")
-    known, rest = p.parse_known_args(argv)
-    flags = [a for a in rest if a.startswith("-")]
-    if flags:
-        p.error(f"unknown flags: {' '.join(flags)}")
-    cfg = load_config(known.config, rest)
+    known, cfg = parse_job_args(p, argv)
     return FilterArgs(checkpoint=known.checkpoint, input=known.input, output=known.output, write_all=known.write_all,
                       chunk_rows=known.chunk_rows, model_version=known.model_version), cfg

@@ -13,7 +13,8 @@
 
 Every step is a method, called by the job in its own order: the jobs write the same files at the same moments
 as before the skeleton (the active job saves its config before it places the label cache, supervised training
-after it derives the LR schedule's length). jobs/*.py read their command line with job_parser + parse_job_args.
+after it derives the LR schedule's length). jobs/filter.py, label.py and train.py read their command line with
+job_parser + parse_job_args (jobs/active_train.py with config.parse_args, the same --config and a.b=c).
 """
 
 from __future__ import annotations

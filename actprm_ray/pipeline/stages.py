@@ -243,7 +243,7 @@ class LabelStage(Stage):
     """Wraps a labeler (oracle | vllm | http) so it shares the run's budget through the coordinator.
 
     Every labeler returns the label columns of label/base.py's empty_label_columns; the oracle also reads
-    oracle_first_error_step (which CanonicalizeStage and the label job's prepare_rows always add)."""
+    oracle_first_error_step (which CanonicalizeStage and the label job's PrepareRowsStage always add)."""
 
     needs = ("id", "question", "steps", "selected")
     adds = tuple(empty_label_columns(0))
