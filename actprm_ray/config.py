@@ -237,14 +237,16 @@ class EvalConfig:
 
 @dataclass
 class GenerateConfig:
-    """jobs/generate.py: policy rollouts (METHOD §8) under model.system_prompt. The defaults are the laptop run: a
-    random tiny policy on 16 GSM8K problems, on CPU; conf/generate_7b.yaml is the paper's policy on a GPU."""
+    """jobs/generate.py: policy rollouts (METHOD §8) under model.system_prompt, on Ray (ray.data.llm, one vLLM
+    engine per Ray actor), written per shard and resumable (actprm_ray/generate/). The defaults are the laptop
+    run: a random tiny policy on 16 GSM8K problems, on CPU; conf/generate_7b.yaml is the paper's policy on a GPU."""
 
-    model: str = "tiny"  # policy: HF id, local dir, an import_gguf name ("smollm2-135m"), or "tiny" (a random tiny policy built next to out_path)
+    model: str = "tiny"  # policy: HF id, local dir, an import_gguf name ("smollm2-135m"), or "tiny" (a random tiny policy, built beside out_dir)
     policy_id: str = "tiny-random"  # short name written into `source` as "rollout:<policy_id>"
     problems_path: str = ""  # JSONL with a "question" (or "problem") field per line; "" = problems/gsm8k/train.jsonl under $ACTPRM_SHARED_DATA or ../shared/data
-    out_path: str = ""  # output Parquet file, with <out_path>.summary.json and <out_path>.config.yaml beside it; "" = <run dir>/rollouts.parquet
+    out_dir: str = ""  # output folder, a pool: shard-NNNNN.parquet per finished shard, with _shards/ (completion records), _summary.json and _config.yaml; a rerun skips finished shards; "" = <run dir>/rollouts
     limit: Optional[int] = 16  # first N problems only (None = all)
+    shard_size: int = 256  # problems per output shard: the unit written at once and skipped on a rerun
     samples_per_problem: int = 1  # trajectories per problem (paper stage 1: one)
     temperature: float = 0.5
     top_p: float = 1.0
@@ -255,7 +257,10 @@ class GenerateConfig:
     max_model_len: Optional[int] = 1024  # vLLM context length (None = the model's)
     gpu_memory_utilization: float = 0.9  # vLLM share of GPU memory for weights + KV cache
     enforce_eager: bool = True  # skip CUDA graphs (required on CPU; faster start-up for short runs)
-    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments, passed as given
+    engine_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra vLLM engine arguments, passed as given
+    engines: int = 1  # vLLM engine replicas (Ray actors; each takes tensor_parallel_size GPUs, or 1 CPU without GPUs)
+    batch_size: int = 8  # requests per engine call; 8 calls in flight per engine (ray.data.llm max_concurrent_batches)
+    no_progress_timeout_s: float = 600.0  # Ray Data stall guard; the engine start and a batch's generation count as no progress (-1 = off)
 
 
 @dataclass
@@ -390,9 +395,27 @@ def _eval_errors(e: EvalConfig) -> list[str]:
 
 def _generate_errors(g: GenerateConfig) -> list[str]:
     errors = [f"generate.{name}={getattr(g, name)}: must be >= 1"
-              for name in ("samples_per_problem", "max_tokens", "tensor_parallel_size") if getattr(g, name) < 1]
+              for name in ("samples_per_problem", "max_tokens", "tensor_parallel_size", "shard_size", "engines",
+                           "batch_size") if getattr(g, name) < 1]
+    if g.no_progress_timeout_s <= 0 and g.no_progress_timeout_s != -1:
+        errors.append(f"generate.no_progress_timeout_s={g.no_progress_timeout_s}: must be > 0, or -1 (off)")
     if g.limit is not None and g.limit < 1:
         errors.append(f"generate.limit={g.limit}: must be >= 1, or null (all)")
+    if g.max_model_len is not None and g.max_model_len < 2:
+        errors.append(f"generate.max_model_len={g.max_model_len}: must be >= 2 (a prompt token and one to generate), "
+                      "or null (the model's)")
+    if g.temperature < 0:
+        errors.append(f"generate.temperature={g.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < g.top_p <= 1:
+        errors.append(f"generate.top_p={g.top_p}: must be in (0, 1]")
+    if not 0 < g.gpu_memory_utilization <= 1:
+        errors.append(f"generate.gpu_memory_utilization={g.gpu_memory_utilization}: must be in (0, 1]")
+    if not g.model.strip():
+        errors.append("generate.model is empty: an HF id, a local dir, an import_gguf name, or \"tiny\"")
+    if not g.policy_id.strip():
+        errors.append("generate.policy_id is empty: rows carry it as source \"rollout:<policy_id>\"")
+    if "://" in g.out_dir:
+        errors.append(f"generate.out_dir={g.out_dir}: must be a local (or mounted shared) folder, not a URI")
     return errors
 
 

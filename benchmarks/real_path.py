@@ -69,15 +69,15 @@ def run_path(work: str | Path, size: str = "ci", *, timeout: int = 1200) -> dict
     common = ["--config", str(PROFILE), f"run.output_dir={work / 'runs'}", "run.ray_num_cpus=2",
               f"labeler.judge.max_tokens={s['judge_tokens']}"]
     problems = SHARED_DATA / "problems" / "gsm8k" / "train.jsonl"
-    rollouts = work / "rollouts.parquet"
+    rollouts = work / "rollouts"  # a pool folder: one Parquet shard per generate.shard_size problems
     report: dict = {"size": size, "settings": s, "stages": {}, "paths": {}}
     stages = report["stages"]
 
     stages["generate"] = run_stage("generate", [
-        py, jobs / "generate.py", *common, f"generate.problems_path={problems}", f"generate.out_path={rollouts}",
+        py, jobs / "generate.py", *common, f"generate.problems_path={problems}", f"generate.out_dir={rollouts}",
         f"generate.limit={s['problems']}", f"generate.samples_per_problem={s['samples']}",
         f"generate.max_tokens={s['policy_tokens']}"], work, timeout)
-    stages["generate"]["summary"] = json.loads(Path(f"{rollouts}.summary.json").read_text())
+    stages["generate"]["summary"] = json.loads((rollouts / "_summary.json").read_text())
     report["paths"]["rollouts"] = str(rollouts)
 
     stage1 = None

@@ -23,10 +23,10 @@ def rollout_pool(tmp_path_factory) -> Path:
     """The paper's data path starts here: jobs/generate.py writes policy rollouts in the pool-row schema."""
     if not GSM8K_TRAIN.exists():
         pytest.skip(f"no shared data at {GSM8K_TRAIN}")
-    out = tmp_path_factory.mktemp("rollouts") / "rollouts.parquet"
+    out = tmp_path_factory.mktemp("rollouts") / "rollouts"  # a pool folder of shards
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [sys.executable, str(REPO / "jobs" / "generate.py"), f"generate.problems_path={GSM8K_TRAIN}",
-           f"generate.out_path={out}", "generate.limit=8", "generate.samples_per_problem=2", "generate.max_tokens=48"]
+           f"generate.out_dir={out}", "generate.limit=8", "generate.samples_per_problem=2", "generate.max_tokens=48"]
     proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -53,7 +53,7 @@ def test_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir,
 
     if source == "rollouts":
         rollout_pool = request.getfixturevalue("rollout_pool")
-        n, pool = pq.read_metadata(rollout_pool).num_rows, f"data.pool={rollout_pool}"
+        n, pool = pq.read_table(rollout_pool).num_rows, f"data.pool={rollout_pool}"
     else:
         n, pool = 12, "data.synthetic_rows=12"
     first = run_active(_cfg(tmp_path, "judge1", tiny_backbone_dir, "labeler.judge.guided=true", pool))

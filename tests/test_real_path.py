@@ -31,8 +31,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import real_path  # noqa: E402
 
-from actprm_ray.label.prompt import guided_regex  # noqa: E402
 from actprm_ray.data.rows import check_hard_labels  # noqa: E402
+from actprm_ray.data.shards import list_shards  # noqa: E402
+from actprm_ray.label.prompt import guided_regex  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 GSM8K_TRAIN = real_path.SHARED_DATA / "problems" / "gsm8k" / "train.jsonl"
@@ -56,11 +57,16 @@ def check_path(report: dict) -> None:
     """Structural checks of every stage's outputs (shared by the CI and the extended run)."""
     s, st = report["settings"], report["stages"]
 
-    # generate: one completion per (problem, sample); every kept row has clean, non-empty steps.
+    # generate (on Ray, ray.data.llm): one completion per (problem, sample), written as the shards of a pool
+    # folder (bookkeeping under "_" names, out of the readers' way); every kept row has clean, non-empty steps.
     gen = st["generate"]["summary"]
+    shards = list_shards(report["paths"]["rollouts"])
+    assert len(shards) == gen["shards"] == gen["shards_written"] >= 1 and gen["shards_skipped"] == 0
+    assert all(Path(x).name.startswith("shard-") for x in shards)
     rollouts = pq.read_table(report["paths"]["rollouts"]).to_pylist()
     assert gen["problems"] == s["problems"] and gen["completions"] == s["problems"] * s["samples"]
-    assert gen["rows"] == len(rollouts) == gen["completions"] - gen["empty_completions"] > 0
+    assert gen["rows"] == len(rollouts) == \
+        gen["completions"] - gen["empty_completions"] - gen["unreadable_completions"] > 0
     assert len({r["id"] for r in rollouts}) == len(rollouts)
     for r in rollouts:
         assert r["steps"] and all(x and x == x.strip() and "\n\n" not in x for x in r["steps"]), r["id"]
