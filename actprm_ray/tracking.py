@@ -75,7 +75,7 @@ def lag_stats(histogram: dict) -> dict[str, float]:
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
-    """final/*: the run's summary.json figures (pipeline/active.py: summarize), the ones a report quotes."""
+    """final/*: the run's summary.json figures (drivers/active.py: summarize), the ones a report quotes."""
     out = {"final/label_rate": summary["label_rate"], "final/trust_pct": summary["trust_pct"],
            "final/labels_used": summary["labels_used"], "final/rows_read": summary["rows_read"],
            "final/model_versions_published": summary["model_versions_published"],

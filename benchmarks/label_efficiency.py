@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from actprm_ray.eval.curves import f1_at_budget, labels_to_reach, plot_label_efficiency, surprise_reference, t_interval  # noqa: E402
 
-TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm_ray.pipeline.active
+TOKENS_PER_CRITIQUE = 1920  # METHOD §7 cost model, the same constant as actprm_ray.drivers.active
 
 
 # --- the task ----------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def evaluate_checkpoint(model_dir: Path, test_rows: list[dict], tau: float = 0.5
 # --- one run ------------------------------------------------------------------------------------------------
 def run_arm(plan: Plan, arm: Arm, seed: int, pool_path: Path, work: Path, extra: list[str]) -> dict:
     from actprm_ray.config import DEFAULT_CONFIG, load_config
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     name = f"{arm.name}_s{seed}"
     run_dir = work / name

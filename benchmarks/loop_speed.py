@@ -75,7 +75,7 @@ class Watcher(threading.Thread):
 def streaming(rows: int, backbone: str, overrides: list[str], work: Path) -> dict:
     from actprm_ray.config import load_config
     from actprm_ray.data.synthetic import MIXES, generate_pool, write_pool
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     pool = work / f"pool_{rows}.parquet"
     if not pool.exists():

@@ -4,7 +4,7 @@ Both arms score the same rows with the same checkpoint (the compute-bound "small
 4 layers, 32 heads), the same chunks and the same forward batch size, with one torch thread each (a Ray
 actor with a fractional CPU gets OMP_NUM_THREADS=1; the plain loop is pinned to match):
     plain  read Parquet with pyarrow -> encode_trajectory -> score_encoded -> is_uncertain -> write Parquet
-    ray    actprm_ray.pipeline.filter.run_filter (Ray started beforehand; actor start-up and model load count)
+    ray    actprm_ray.drivers.filter.run_filter (Ray started beforehand; actor start-up and model load count)
 The plain loop runs before and after the Ray run, so drift from other load on the machine shows. Ratio =
 plain wall / Ray wall (>= 1: the pipeline costs nothing; its tokeniser runs beside the scorer on the second core).
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     from actprm_ray.data.synthetic import generate_pool, write_pool
     from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig
     from actprm_ray.model.tiny import build_tiny_backbone
-    from actprm_ray.pipeline.filter import FilterArgs, run_filter
+    from actprm_ray.drivers.filter import FilterArgs, run_filter
     from actprm_ray.pipeline.ray_env import init_ray
 
     work = Path(tempfile.mkdtemp(prefix="b1_"))

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     from actprm_ray.config import load_config
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
     from actprm_ray.pipeline.coordinator import coordinator_name
     from fake_judge import FakeJudge
     from fault_injection import kill_when

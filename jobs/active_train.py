@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from actprm_ray.config import parse_args  # noqa: E402
-from actprm_ray.pipeline.active import run_active  # noqa: E402
-from actprm_ray.pipeline.run_report import verdict  # noqa: E402
+from actprm_ray.drivers.active import run_active  # noqa: E402
+from actprm_ray.drivers.run_report import verdict  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)  # then parse_args prints the config usage and exits
     if "--dry_run" in argv:
-        from actprm_ray.pipeline.dry_run import dry_run
+        from actprm_ray.drivers.dry_run import dry_run
 
         argv.remove("--dry_run")
         config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None

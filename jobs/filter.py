@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from actprm_ray.pipeline.filter import parse_filter_args, run_filter  # noqa: E402
+from actprm_ray.drivers.filter import parse_filter_args, run_filter  # noqa: E402
 
 
 def main() -> None:

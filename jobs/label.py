@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from actprm_ray.pipeline.label_job import parse_label_args, run_label  # noqa: E402
+from actprm_ray.drivers.label_job import parse_label_args, run_label  # noqa: E402
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def main(out_json: str, overrides: list[str]) -> None:
     from ray.cluster_utils import Cluster
 
     from actprm_ray.config import load_config
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=1)

@@ -32,7 +32,7 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
     final checkpoint, per-step metrics; the scorer may not run ahead of the trainer by more than the configured
     bound, and rows scored after a publish carry the new version."""
     from actprm_ray.model.ensemble_prm import EnsemblePRM
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
     from actprm_ray.pipeline.coordinator import coordinator_name
 
     n = 400
@@ -81,7 +81,7 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
 
 
 def test_two_workers_odd_rows_none_dropped(ray_local, tmp_path):
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     summary = run_active(_cfg(tmp_path, "ddp", "data.synthetic_rows=101", "selection.mode=all",
                               "train.num_workers=2", "train.cpus_per_worker=0.5"))
@@ -92,7 +92,7 @@ def test_two_workers_odd_rows_none_dropped(ray_local, tmp_path):
 @pytest.mark.extended  # one more loop run
 def test_a_rank_that_never_gets_a_trainable_row_joins(ray_local, tmp_path):
     """One labelled row for two DDP ranks: the rank without it steps on a one-token dummy row (it used to raise)."""
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     summary = run_active(_cfg(tmp_path, "ddp_one", "data.synthetic_rows=1", "selection.mode=all",
                               "train.num_workers=2", "train.cpus_per_worker=0.5"))
@@ -102,7 +102,7 @@ def test_a_rank_that_never_gets_a_trainable_row_joins(ray_local, tmp_path):
 
 def test_budget_stop_then_resume(ray_local, tmp_path):
     from actprm_ray.model.ensemble_prm import EnsemblePRM
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     first = run_active(_cfg(tmp_path, "budget", "selection.mode=all", "budget.max_labels=24"))
     assert first["outcomes"]["trained"] == 24
@@ -123,7 +123,7 @@ def test_budget_stop_then_resume(ray_local, tmp_path):
 
 @pytest.mark.extended  # CI budget (one more loop run)
 def test_inline_selection_mode(ray_local, tmp_path):
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     summary = run_active(_cfg(tmp_path, "inline", "selection.inline=true", "data.synthetic_rows=64"))
     assert summary["identity_holds"]
@@ -133,7 +133,7 @@ def test_inline_selection_mode(ray_local, tmp_path):
 def test_controller_and_audits_in_the_streaming_loop(ray_local, tmp_path):
     """selection.target_rate: one controller in the coordinator serves every select task; audited rows are
     labelled, trained and recorded with their pseudo-label checked against the judge (here the oracle)."""
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     summary = run_active(_cfg(tmp_path, "controlled", "data.synthetic_rows=160", "selection.target_rate=0.3",
                               "selection.audit_rate=0.25", "selection.controller_window=32",

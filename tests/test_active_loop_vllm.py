@@ -49,7 +49,7 @@ def _cfg(tmp_path, name, backbone_dir, *overrides):
 def test_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir, source, request, tmp_path):
     """active_train with the vLLM judge -> rerun from the cache. `rollouts`: the paper's data path, generate ->
     active_train on its rollouts (no oracle there: only the judge can label them); it adds a generate run."""
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     if source == "rollouts":
         rollout_pool = request.getfixturevalue("rollout_pool")
@@ -76,7 +76,7 @@ def test_vllm_judge_in_the_loop_guided_then_cached(ray_local, tiny_backbone_dir,
 
 @pytest.mark.extended  # CI budget; unguided failures are tested on the engine (test_vllm_judge.py) and server (test_http_judge.py)
 def test_vllm_judge_unguided_failures_are_recorded(ray_local, tiny_backbone_dir, tmp_path):
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     summary = run_active(_cfg(tmp_path, "judge3", tiny_backbone_dir, "labeler.judge.guided=false",
                               "labeler.judge.max_tokens=32", "data.synthetic_rows=8"))

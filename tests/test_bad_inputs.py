@@ -116,7 +116,7 @@ def train_verdict(kind: str) -> tuple[str, str]:
 
 def test_every_kind_gets_its_label_verdict_from_reader_and_labelled_canonicalize(corpus, checkpoint):
     """Supervised training's per-row path: the reader with the label columns, then LabelledCanonicalizeStage."""
-    from actprm_ray.train.supervised import TRAIN_COLUMNS, LabelledCanonicalizeStage
+    from actprm_ray.drivers.supervised import TRAIN_COLUMNS, LabelledCanonicalizeStage
 
     d, kinds = corpus
     index = index_pool(str(d))
@@ -152,7 +152,7 @@ def test_a_file_that_is_not_parquet_fails_naming_it(tmp_path):
 # -- one run per job ---------------------------------------------------------------------------------------------
 @pytest.mark.ray
 def test_loop_accounts_every_bad_row(ray_local, corpus, tmp_path):
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     d, kinds = corpus
     cfg = load_config(None, [
@@ -178,7 +178,7 @@ def test_loop_accounts_every_bad_row(ray_local, corpus, tmp_path):
 
 @pytest.mark.ray
 def test_train_job_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_path, capsys):
-    from actprm_ray.train.supervised import run_supervised
+    from actprm_ray.drivers.supervised import run_supervised
 
     d, kinds = corpus
     cfg = load_config(None, [
@@ -205,7 +205,7 @@ def test_train_job_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_pat
 
 @pytest.mark.ray
 def test_filter_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_path):
-    from actprm_ray.pipeline.filter import parse_filter_args, run_filter
+    from actprm_ray.drivers.filter import parse_filter_args, run_filter
 
     d, kinds = corpus
     out = tmp_path / "filtered"
@@ -231,7 +231,7 @@ def test_filter_accounts_every_bad_row(ray_local, corpus, checkpoint, tmp_path):
 
 @pytest.mark.ray
 def test_label_job_accounts_every_bad_row(ray_local, corpus, tmp_path):
-    from actprm_ray.pipeline.label_job import parse_label_args, run_label
+    from actprm_ray.drivers.label_job import parse_label_args, run_label
 
     d, kinds = corpus
     out = tmp_path / "labelled"

@@ -153,7 +153,7 @@ def test_entrypoint_parses_with_the_jobs_own_command_line(name):
     if ep.job == "active_train":
         assert parse_args(ep.argv) == expected
     elif ep.job == "filter":
-        from actprm_ray.pipeline.filter import parse_filter_args
+        from actprm_ray.drivers.filter import parse_filter_args
 
         args, cfg = parse_filter_args(ep.argv)
         assert cfg == expected and args.checkpoint and args.input and args.output

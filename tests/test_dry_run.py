@@ -63,7 +63,7 @@ def test_override_that_cannot_fit_exits_nonzero_and_says_what_to_change(tmp_path
 
 
 def test_tiny_gpus_and_too_few_gpus_are_named(tmp_path):
-    from actprm_ray.pipeline.dry_run import dry_run
+    from actprm_ray.drivers.dry_run import dry_run
 
     cfg = load_config(CLUSTER_7B, [f"run.output_dir={tmp_path}", "cluster.gpu_memory_gb=24", "cluster.num_gpus=12"])
     import ray

@@ -58,7 +58,7 @@ def _http_judge(srv) -> list[str]:
 
 def _run_and_kill(tmp_path, name, overrides, kills):
     """Run the loop while one thread per (actor title, ready(snapshot)) SIGKILLs those actors once ready."""
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
     from actprm_ray.pipeline.coordinator import coordinator_name
 
     killed: dict[str, list[int]] = {title: [] for title, _ in kills}
@@ -186,7 +186,7 @@ def _ledger_overrides(tmp_path, name, srv, *extra):
 
 
 def test_budget_is_exact_with_permanent_and_transient_failures_and_a_warm_cache(ray_local, tmp_path):
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     cap, warm = 40, 10
     with FakeJudge(fault_rates={"garbage": 0.2}, seed=3, latency_s=0.02) as srv:

@@ -1,5 +1,6 @@
-"""jobs/filter.py and actprm_ray/pipeline/filter.py: chunk planning and reading (pure), the filter against an
-independent recomputation of the selection rule (Ray), and kill -9 + rerun == an uninterrupted run (Ray, subprocess)."""
+"""jobs/filter.py (actprm_ray/drivers/filter.py, with the stages of actprm_ray/pipeline/filter.py): chunk planning and
+reading (pure), the filter against an independent recomputation of the selection rule (Ray), and kill -9 + rerun
+== an uninterrupted run (Ray, subprocess)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import pytest
 from actprm_ray.config import load_config
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
 from actprm_ray.data.synthetic import generate_pool, write_pool
-from actprm_ray.pipeline.filter import (CarryCanonicalizeStage, FilterArgs, list_shards, parse_filter_args,
-                                        plan_chunks, read_chunk, reason_kind, resolve_model_dir, run_filter)
+from actprm_ray.data.shards import list_shards, plan_chunks, read_chunk
+from actprm_ray.drivers.filter import FilterArgs, parse_filter_args, run_filter
+from actprm_ray.pipeline.filter import CarryCanonicalizeStage, reason_kind, resolve_model_dir
 from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]

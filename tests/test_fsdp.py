@@ -60,7 +60,7 @@ def _fit(root: Path, name: str, init_dir: Path, rows: list[dict], *overrides: st
     import ray
 
     from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
-    from actprm_ray.train.supervised import prepare_init
+    from actprm_ray.drivers.supervised import prepare_init
     from actprm_ray.train.trainer import build_trainer
 
     # Strong settings so the checks can fail: Adam at 2e-3 moves the heads away from their anchors fast, the

@@ -74,7 +74,7 @@ def test_pool_to_trl_to_pool_round_trip(tmp_path):
 
 
 def test_label_job_output_exports_ok_rows_only(tmp_path):
-    from actprm_ray.pipeline.label_job import TRAINING_ROW_SCHEMA
+    from actprm_ray.drivers.label_job import TRAINING_ROW_SCHEMA
 
     base = dict(label_source="http:qwq", label_key="k", label_cache_hit=False, judge_prompt_tokens=10,
                 judge_tokens=100, label_attempts=1, label_reason="")

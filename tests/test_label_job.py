@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray]
 
 
 def test_label_job_training_rows_and_budget(ray_local, tmp_path):
-    from actprm_ray.pipeline.label_job import LabelArgs, run_label
+    from actprm_ray.drivers.label_job import LabelArgs, run_label
 
     rows = generate_pool(30, seed=5)
     write_pool(rows, tmp_path / "in.jsonl")

@@ -252,7 +252,7 @@ def test_config_name_builds_a_checkpoint_that_round_trips(smollm2, smollm2_prm, 
     save_pretrained); from_pretrained on that checkpoint gives the same scores as the model built in memory
     with the same head seed."""
     from actprm_ray.config import load_config
-    from actprm_ray.pipeline.active import prepare_initial_model
+    from actprm_ray.drivers.active import prepare_initial_model
 
     root, out, _ = smollm2
     monkeypatch.setenv(MODELS_DIR_ENV, str(root))  # the fixture's converted dir, not the user's cache

@@ -1,4 +1,4 @@
-"""The run skeleton (pipeline/run.py): the shared command line, and what a Run writes and cleans up."""
+"""The run skeleton (drivers/run.py): the shared command line, and what a Run writes and cleans up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 
 from actprm_ray.config import load_config
 from actprm_ray.pipeline import outcomes as oc
-from actprm_ray.pipeline.run import Run, job_parser, parse_job_args
+from actprm_ray.drivers.run import Run, job_parser, parse_job_args
 
 
 def _parser():
@@ -34,21 +34,21 @@ def test_parse_job_args_refuses_unknown_flags(argv, capsys):
 
 
 def _filter(argv):
-    from actprm_ray.pipeline.filter import parse_filter_args
+    from actprm_ray.drivers.filter import parse_filter_args
 
     args, cfg = parse_filter_args(["--input", "in", *argv])
     return args.input, cfg
 
 
 def _label(argv):
-    from actprm_ray.pipeline.label_job import parse_label_args
+    from actprm_ray.drivers.label_job import parse_label_args
 
     args, cfg = parse_label_args(["--input", "in", "--output", "out", *argv])
     return args.input, cfg
 
 
 def _train(argv):
-    from actprm_ray.train.supervised import parse_train_args
+    from actprm_ray.drivers.supervised import parse_train_args
 
     init, cfg = parse_train_args(["--init_checkpoint", "in", *argv])
     return init, cfg

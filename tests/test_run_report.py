@@ -1,4 +1,4 @@
-"""The active run's report (pipeline/run_report.py): the selection curve and verdict on hand-made outcomes, and the
+"""The active run's report (drivers/run_report.py): the selection curve and verdict on hand-made outcomes, and the
 report written from a run directory's files."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actprm_ray.pipeline.run_report import selection_by_version, trainer_time, verdict, write_run_report
+from actprm_ray.drivers.run_report import selection_by_version, trainer_time, verdict, write_run_report
 
 
 def _row(version: int, outcome: str, correct: int = -1) -> dict:

@@ -53,7 +53,7 @@ def _spy_trust_remote_code(monkeypatch) -> list:
 @pytest.mark.parametrize("enabled", [False, True])
 def test_remote_code_only_when_configured_and_loudly(monkeypatch, caplog, tiny_backbone_dir, tmp_path, enabled):
     """The run's model load (jobs/active_train.py) passes model.trust_remote_code through, default off."""
-    from actprm_ray.pipeline.active import prepare_initial_model
+    from actprm_ray.drivers.active import prepare_initial_model
 
     overrides = [f"model.backbone={tiny_backbone_dir}", "model.n_heads=2"]
     if enabled:
@@ -203,7 +203,7 @@ def _texts_holding(root: Path, marker: str) -> list[str]:
 def test_the_api_key_reaches_the_judge_and_nothing_we_write(ray_local, echoing_judge, tmp_path, capfd):
     """jobs/label.py's pipeline with the HTTP judge: the key comes from the environment, is sent as the bearer
     token, and is absent from the outputs, the label cache, the resolved config, the summary and the logs."""
-    from actprm_ray.pipeline.label_job import LabelArgs, run_label
+    from actprm_ray.drivers.label_job import LabelArgs, run_label
 
     rows = [dict(id=f"r{i}", question=f"{tag} Ann has {i} pens and gets 4 more. How many?",
                  steps=[f"Start with {i}.", "Add 4 to get 9.", "So 9."], first_error_step=-1, selected=True)

@@ -39,9 +39,9 @@ def pool_batch() -> dict:
 
 def stage_classes() -> list[type]:
     """Every Stage subclass the package defines (importing the modules that hold them)."""
+    import actprm_ray.drivers.label_job  # noqa: F401
+    import actprm_ray.drivers.supervised  # noqa: F401
     import actprm_ray.pipeline.filter  # noqa: F401
-    import actprm_ray.pipeline.label_job  # noqa: F401
-    import actprm_ray.train.supervised  # noqa: F401
 
     found, todo = [], [Stage]
     while todo:
@@ -78,9 +78,9 @@ def cheap_stages(tokenizer_dir) -> list[tuple[Stage, dict]]:
     from actprm_ray.data.shards import LABEL_COLUMNS
     from actprm_ray.label.base import OracleLabeler
     from actprm_ray.pipeline.filter import CarryCanonicalizeStage
-    from actprm_ray.pipeline.label_job import PrepareRowsStage
+    from actprm_ray.drivers.label_job import PrepareRowsStage
     from actprm_ray.pipeline.stages import CanonicalizeStage, LabelStage
-    from actprm_ray.train.supervised import LabelledCanonicalizeStage
+    from actprm_ray.drivers.supervised import LabelledCanonicalizeStage
 
     prepared = PrepareRowsStage(sep=DEFAULT_SEP)(pool_batch())
     fmt = dict(sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=None)

@@ -65,7 +65,7 @@ def test_tensorboard_and_mlflow_read_back(ray_local, tiny_backbone_dir, tmp_path
     from actprm_ray.config import load_config
     from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig
     from actprm_ray.pipeline import outcomes as oc
-    from actprm_ray.pipeline.active import summarize
+    from actprm_ray.drivers.active import summarize
     from actprm_ray.pipeline.coordinator import RunCoordinator, coordinator_name
     from actprm_ray.train.trainer import build_trainer
 

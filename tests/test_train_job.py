@@ -17,7 +17,7 @@ from actprm_ray.data.rows import check_hard_labels
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, labels_from_first_error
 from actprm_ray.data.synthetic import generate_pool
 from actprm_ray.pipeline.filter import CarryCanonicalizeStage
-from actprm_ray.train.supervised import attach_labels, parse_train_args, run_supervised
+from actprm_ray.drivers.supervised import attach_labels, parse_train_args, run_supervised
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def _mean_bce(model, rows) -> float:
 @pytest.mark.extended  # a loop run then a train run, ~2 min: CI budget
 def test_stage2_from_loop_checkpoint(ray_local, tmp_path):
     from actprm_ray.model.ensemble_prm import EnsemblePRM
-    from actprm_ray.pipeline.active import run_active
+    from actprm_ray.drivers.active import run_active
 
     # Stage 1: a real (tiny) run of the streaming loop; its checkpoint is what stage 2 starts from.
     stage1 = run_active(load_config(overrides=[

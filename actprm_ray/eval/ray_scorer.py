@@ -118,9 +118,9 @@ def _chunk_table(rows: list[dict], start: int, chunk_rows: int):
 
 def _chunk_rows(n: int, actors: int) -> int:
     """Rows per chunk: enough chunks for every actor, none larger than the filter's default chunk."""
-    from actprm_ray.pipeline.filter import FilterArgs
+    from actprm_ray.pipeline.filter import DEFAULT_CHUNK_ROWS
 
-    return max(1, min(FilterArgs.chunk_rows, math.ceil(n / max(1, actors))))
+    return max(1, min(DEFAULT_CHUNK_ROWS, math.ceil(n / max(1, actors))))
 
 
 def _scored(n: int, out: list[dict], batch_size: int) -> Scored:

@@ -11,8 +11,8 @@ from actprm_ray.config import Config, run_directory, to_dict
 from actprm_ray.data.shards import index_pool, read_pool_rows, resolve_pool
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.plan import build_active_plan
-from actprm_ray.pipeline.run import Run
-from actprm_ray.pipeline.run_report import write_run_report
+from actprm_ray.drivers.run import Run
+from actprm_ray.drivers.run_report import write_run_report
 from actprm_ray.select import wilson_interval
 from actprm_ray.tracking import log_summary
 

@@ -2,7 +2,7 @@
 (summary.json, outcomes.parquet, metrics.jsonl). Is active learning working? The selection plot says it: the
 label rate should fall and trust rise as model versions go by, with pseudo-labels on trusted rows that hold up.
 
-    python -m actprm_ray.pipeline.run_report ~/actprm_results/default     # (re)write a finished run's report
+    python -m actprm_ray.drivers.run_report ~/actprm_results/default     # (re)write a finished run's report
 """
 
 from __future__ import annotations

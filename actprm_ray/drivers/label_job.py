@@ -25,11 +25,11 @@ from actprm_ray.config import Config
 from actprm_ray.data.rows import NO_ORACLE, check_pool_row
 from actprm_ray.data.shards import POOL_COLUMNS, PoolIndex, index_pool, read_pool_rows
 from actprm_ray.data.step_format import StepFormatError
-from actprm_ray.pipeline.active import TOKENS_PER_CRITIQUE
+from actprm_ray.drivers.active import TOKENS_PER_CRITIQUE
 from actprm_ray.pipeline.filter import reason_kind
 from actprm_ray.pipeline.outcomes import INVALID_INPUT
 from actprm_ray.pipeline.plan import StageSpec, actor_fault_args, labeler_class, task_fault_args
-from actprm_ray.pipeline.run import Run, job_parser, parse_job_args
+from actprm_ray.drivers.run import Run, job_parser, parse_job_args
 from actprm_ray.pipeline.stages import LabelStage, Stage
 
 

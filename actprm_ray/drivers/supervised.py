@@ -28,7 +28,7 @@ from actprm_ray.data.step_format import StepFormatError, first_error_from_labels
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.filter import CarryCanonicalizeStage, resolve_model_dir
 from actprm_ray.pipeline.plan import Plan, StageSpec, drop_accounted
-from actprm_ray.pipeline.run import Run, job_parser, parse_job_args
+from actprm_ray.drivers.run import Run, job_parser, parse_job_args
 
 # What a labelled row brings besides its label (the reader gives None where the set has none): the loop's values
 # for a label that came with the data, not from a judge.
@@ -98,7 +98,7 @@ def prepare_init(cfg: Config, run_dir: Path, init_checkpoint: str | None) -> Pat
     if (init_dir / "config.json").exists():
         return init_dir
     if init_checkpoint is None:
-        from actprm_ray.pipeline.active import prepare_initial_model
+        from actprm_ray.drivers.active import prepare_initial_model
 
         return prepare_initial_model(cfg, run_dir)
     tmp = run_dir / "init.tmp"
