@@ -230,7 +230,7 @@ class EvalConfig:
     max_tokens: int = MAX_EVAL_TOKENS  # rows longer than this many tokens are reported unscorable, never truncated; 0 = no cap
     tau: float = 0.5  # first-error threshold τ (recorded; PRMBench always uses µ > 0.5)
     sweep_on: Optional[str] = None  # subset to fit a τ sweep on, reported apart from the τ headline (first-error protocol only)
-    scorer: str = "local"  # local: in this process; ray: the loop's Ray Data stages (EnsemblePRM only; parallel on a cluster)
+    scorer: str = "local"  # local: in this process; ray: the filter's Ray Data stages, Canonicalize -> Score (EnsemblePRM only; parallel on a cluster)
     device: Optional[str] = None  # torch device of the local scorer (None = cuda if available, else cpu)
     system_prompt: Optional[str] = None  # replaces the checkpoint's system prompt (None = the checkpoint's)
 
