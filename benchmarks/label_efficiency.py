@@ -9,6 +9,10 @@ model dir (and the trainer state, whose `rows_trained` is the number of labels c
 After each run the kept checkpoints are scored on a held-out synthetic test set (a different data seed) with
 the ProcessBench protocol: prediction = first step with µ < 0.5, F1 = harmonic mean of acc_err and acc_cor.
 
+Finished runs are also recorded in benchmarks/results/label_efficiency_runs/ (done/eval/summary JSON and the
+backbone build's fingerprint, ~10 KB a run) and restored from there on start, so the sweep resumes across
+sessions on fresh machines: commit the records with the results.
+
 Outputs (in --out): label_efficiency.json (every evaluated point), label_efficiency.md (table), and
 label_efficiency.png (F1 vs labels, mean line per arm, min..max over seeds shaded).
 """
@@ -97,10 +101,49 @@ def make_plan(quick: bool) -> Plan:
 
 
 def pretrained_backbone() -> Path:
-    """runs/backbones/tiny_math (jobs/pretrain.py's default), built on first use (~6-9 min on 2 cores)."""
+    """The tiny-math backbone in the models cache (jobs/pretrain.py's default, shared with `make run`), built on
+    first use (~6-9 min on 2 cores)."""
     from actprm_ray.model.pretrain import PretrainConfig, pretrain_backbone
 
-    return pretrain_backbone(PretrainConfig(out_dir=str(ROOT / "runs" / "backbones" / "tiny_math")))
+    return pretrain_backbone(PretrainConfig())
+
+
+def backbone_fingerprint(backbone: Path) -> str:
+    """sha256 of the backbone's weights (first 16 hex digits): pretraining is seeded but not bit-reproducible
+    across machines and thread counts, so each run record says which build it trained on."""
+    import hashlib
+
+    return hashlib.sha256((backbone / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+# --- run records: the sweep resumes across machines ---------------------------------------------------------
+RECORD_FILES = ("done.json", "eval.json", "summary.json")  # all that the report reads of a finished run (~10 KB)
+
+
+def save_record(run_dir: Path, records: Path, backbone: str | None) -> None:
+    """Copy a finished, evaluated run's small files to `records` (benchmarks/results/label_efficiency_runs: kept
+    in git), so a later session on a fresh machine reports it without running it again."""
+    dest = records / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    if backbone and not (dest / "backbone.txt").is_file():
+        (dest / "backbone.txt").write_text(backbone + "\n")
+
+
+def restore_records(records: Path, work: Path) -> list[str]:
+    """Put recorded runs missing from `work` back (done.json + eval.json make run_arm and evaluate_run skip them)."""
+    restored = []
+    for rec in sorted(p for p in records.glob("*_s*") if (p / "done.json").is_file() and (p / "eval.json").is_file()):
+        run_dir = work / rec.name
+        if (run_dir / "done.json").is_file():
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a half-finished run of this session: the record is the finished one
+        shutil.copytree(rec, run_dir)
+        restored.append(rec.name)
+    return restored
 
 
 # --- keeping every checkpoint -------------------------------------------------------------------------------
@@ -344,6 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="*", help="override the plan's seeds")
     ap.add_argument("--arms", nargs="*", help="only these arms (random needs active)")
     ap.add_argument("--pool-rows", type=int, help="override the pool size")
+    ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "label_efficiency_runs"),
+                    help="finished runs' small files, restored into --work before and saved after each run, so the "
+                         "sweep resumes on a fresh machine (full plan only; '' = off)")
     ap.add_argument("--report-only", action="store_true",
                     help="start no run: evaluate and report the finished runs in --work (e.g. of a cut-short sweep)")
     ap.add_argument("overrides", nargs="*", help="extra a.b=c config overrides for every run")
@@ -365,6 +411,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     mix = task_mix()
     test_rows = generate_pool(plan.test_rows, seed=10_000, mix=mix)  # held out: a seed no pool uses
+    records = Path(args.records) if args.records and not args.quick else None
+    backbone = None if args.quick else backbone_fingerprint(pretrained_backbone())
+    if records:
+        restored = restore_records(records, work)
+        if restored:
+            print(f"[label_efficiency] restored {len(restored)} finished run(s) from {records}: {' '.join(restored)}")
     if not args.report_only:
         init_ray(num_cpus=2, no_progress_timeout_s=300)
     t0 = time.time()
@@ -382,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
                 extra.append(f"selection.random_rate={rate:.4f}")
             run = run_arm(plan, arm, seed, pool_path, work, extra)
             points = evaluate_run(run, work / f"{arm.name}_s{seed}", test_rows)
+            if records:
+                save_record(work / f"{arm.name}_s{seed}", records, backbone)
             results[arm.name].append({"run": run, "points": points})
             print(f"[label_efficiency] {arm.name} seed {seed}: labels {run['labels_used']} "
                   f"final F1 {points[-1]['f1']:.3f} ({time.time() - t0:.0f}s so far)", flush=True)

@@ -85,6 +85,29 @@ def test_checkpoint_keeper_copies_complete_checkpoints_only(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_run_records_carry_finished_runs_to_a_fresh_work_dir(tmp_path):
+    work, records, fresh = tmp_path / "work", tmp_path / "records", tmp_path / "fresh"
+    done = work / "active_s0"
+    (done / "kept").mkdir(parents=True)  # checkpoints: not part of a record
+    for name, text in {"done.json": '{"arm": "active"}', "eval.json": "[]", "summary.json": "{}"}.items():
+        (done / name).write_text(text)
+    le.save_record(done, records, "abc123")
+    assert sorted(p.name for p in (records / "active_s0").iterdir()) == ["backbone.txt", "done.json", "eval.json",
+                                                                        "summary.json"]
+    (fresh / "active_s0").mkdir(parents=True)  # a half-finished attempt of the same run (no done.json)
+    (fresh / "active_s0" / "config.yaml").write_text("half")
+    (fresh / "random_s0").mkdir()
+    (fresh / "random_s0" / "done.json").write_text('{"arm": "random", "here": true}')
+    (records / "random_s0").mkdir()  # a record of a run this machine already finished: the local one stays
+    for name in ("done.json", "eval.json"):
+        (records / "random_s0" / name).write_text('{"arm": "random"}')
+    assert le.restore_records(records, fresh) == ["active_s0"]
+    assert (fresh / "active_s0" / "done.json").read_text() == '{"arm": "active"}'
+    assert not (fresh / "active_s0" / "config.yaml").exists()
+    assert json.loads((fresh / "random_s0" / "done.json").read_text())["here"] is True
+    assert le.restore_records(records, fresh) == []  # nothing left to restore
+
+
 def test_quick_run_writes_finite_monotone_outputs(ray_local, tmp_path):
     # The session's Ray instance (2 CPUs, like the one the benchmark starts on its own): the benchmark attaches.
     report = le.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
