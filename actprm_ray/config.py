@@ -308,6 +308,12 @@ OUTPUT_PATH_KEYS = ("labeler.judge.cache_path",)
 DEFAULT_LABEL_CACHE = "ledger/labels"  # inside the run ledger (actprm_ray/ledger.py)
 
 
+def shared_data_dir() -> Path:
+    """The benchmarks' and problems' data folder: $ACTPRM_SHARED_DATA, or ../shared/data next to the repo."""
+    env = os.environ.get("ACTPRM_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
 def run_directory(cfg: Config) -> Path:
     """The run's directory, absolute: `~` expanded, a relative run.output_dir taken from the working directory."""
     return Path(os.path.normpath(Path(cfg.run.output_dir).expanduser().absolute() / cfg.run.name))

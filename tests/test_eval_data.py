@@ -9,7 +9,8 @@ import pytest
 from actprm_ray.eval.first_error import FORMATS, load_first_error, one_based_to_label
 from actprm_ray.eval.prmbench import load_prmbench, strip_step_prefix
 from actprm_ray.eval.processbench import load_processbench
-from actprm_ray.eval.samples import EvalDataError, evenly_spaced, shared_data_dir, stratified_spread
+from actprm_ray.config import shared_data_dir
+from actprm_ray.eval.samples import EvalDataError, evenly_spaced, stratified_spread
 
 DATA = shared_data_dir()
 

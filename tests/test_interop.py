@@ -14,7 +14,7 @@ import pytest
 
 from actprm_ray import interop
 from actprm_ray.interop import POOL_SCHEMA, read_pool
-from actprm_ray.eval.samples import shared_data_dir
+from actprm_ray.config import shared_data_dir
 
 datasets = pytest.importorskip("datasets", reason="the `hf` extra (datasets, trl) is not installed")
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from actprm_ray.config import shared_data_dir
 from actprm_ray.eval.prmbench import strip_step_prefix
 from actprm_ray.eval.processbench import check_first_error_label
 from actprm_ray.eval.samples import (
@@ -35,7 +36,6 @@ from actprm_ray.eval.samples import (
     is_int,
     read_jsonl,
     require_fields,
-    shared_data_dir,
     stratified_spread,
     string_steps,
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from actprm_ray.config import shared_data_dir
 from actprm_ray.eval.samples import (
     EvalDataError,
     EvalSample,
@@ -23,7 +24,6 @@ from actprm_ray.eval.samples import (
     is_int,
     read_jsonl,
     require_fields,
-    shared_data_dir,
     string_steps,
 )
 from actprm_ray.eval.metrics import CORRECT_CATEGORY

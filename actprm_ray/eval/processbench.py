@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from actprm_ray.config import shared_data_dir
 from actprm_ray.eval.samples import (
     EvalSample,
     LoadResult,
@@ -11,7 +12,6 @@ from actprm_ray.eval.samples import (
     read_jsonl,
     require_fields,
     require_file,
-    shared_data_dir,
     stratified_spread,
     string_steps,
 )

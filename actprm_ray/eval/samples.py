@@ -10,7 +10,6 @@ Error policy shared by all loaders:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +37,6 @@ class LoadResult:
 
     def skip(self, source: str, reason: str, row_id: object = None) -> None:
         self.skipped.append({"source": source, "id": None if row_id is None else str(row_id), "reason": reason})
-
-
-def shared_data_dir() -> Path:
-    """../shared/data next to the repo, or $ACTPRM_SHARED_DATA."""
-    env = os.environ.get("ACTPRM_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def require_file(path: Path, what: str) -> Path:

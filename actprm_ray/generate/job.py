@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from actprm_ray.config import Config, run_directory, to_yaml
+from actprm_ray.config import Config, run_directory, shared_data_dir, to_yaml
 from actprm_ray.generate.rollouts import chat_prompt_ids, load_problems
 from actprm_ray.generate.shards import Shard, finished_records, plan_shards, totals, write_shard
 
@@ -23,12 +23,6 @@ MAPS_CPUS = 0.5
 
 class GenerateError(RuntimeError):
     """The cluster cannot run the generate job as configured (the message says what to change)."""
-
-
-def shared_data_dir() -> Path:
-    """$ACTPRM_SHARED_DATA, or ../shared/data next to the repo (the benchmarks' data folder, eval/samples.py)."""
-    env = os.environ.get("ACTPRM_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def resolve(cfg: Config) -> Config:
