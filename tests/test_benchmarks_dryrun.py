@@ -80,6 +80,7 @@ def test_filter_scale_parts(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.extended  # CI budget (~85 s): it guards a Ray setting, and Ray is pinned; run it with any Ray upgrade
 def test_worker_churn_dry_run_keep_alive_reuses_workers(tmp_path):
     """Ray honours RAY_ENV_DEFAULTS' idle-worker keep-alive: the same waves of tasks start fewer workers with it.
     Guards the setting against a Ray upgrade that renames or ignores it (the 1M-row filter slowed by ~30%)."""
