@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from actprm_ray.config import Config, run_directory, shared_data_dir, to_yaml
+from actprm_ray.generate.processor import MAP_NUM_CPUS
 from actprm_ray.generate.rollouts import chat_prompt_ids, load_problems
 from actprm_ray.generate.shards import Shard, finished_records, plan_shards, totals, write_shard
 
-# Per-row maps next to the engine actors (processor.MAP_NUM_CPUS, twice: preprocess and postprocess).
-MAPS_CPUS = 0.5
+MAPS_CPUS = 2 * MAP_NUM_CPUS  # the per-row preprocess and postprocess maps next to the engine actors
 
 
 class GenerateError(RuntimeError):
