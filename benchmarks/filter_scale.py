@@ -7,6 +7,8 @@ driver, GCS, raylet with the object store, every worker) every --sample_s second
            several processes, count once per process: an upper bound)
     Σ PSS  proportional set size summed (each shared page split between the processes mapping it): the
            memory the run really holds, object store included
+    driver  the filter driver's own PSS (the process that once received every retained row), and the bytes
+            it received from the pipeline (filter_summary.json's pipeline_timing.driver_bytes)
 The goal (issue 6): peak(1M) <= 1.2 x peak(100K), time linear in rows.
 
     python benchmarks/filter_scale.py --rows 100000                # ~20-30 min on a 2-core machine
@@ -38,6 +40,7 @@ class TreeMemory(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every_s, self.stop = pid, every_s, threading.Event()
         self.samples: list[tuple[float, int, int, int]] = []  # (t, Σrss, Σpss, processes)
+        self.driver_peak_pss = 0  # the root process (the job's driver) alone
         self.peak_breakdown: list[tuple[str, int]] = []
 
     def run(self) -> None:
@@ -57,6 +60,8 @@ class TreeMemory(threading.Thread):
                     info = p.memory_full_info()
                     rss, pss = rss + info.rss, pss + info.pss
                     parts.append((p.name(), info.pss))
+                    if p.pid == self.pid:
+                        self.driver_peak_pss = max(self.driver_peak_pss, info.pss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
             if not self.samples or pss > max(s[2] for s in self.samples):
@@ -114,7 +119,8 @@ def run_size(n: int, pool: Path, ckpt: Path, out: Path, chunk_rows: int, sample_
             "rows_per_s": scored / wall, "filter_summary_wall_s": summary["wall_time_s"],
             "pipeline_timing": summary["pipeline_timing"], "retained": summary["retained"],
             "retained_fraction": summary["retained_fraction"], "peak_rss_gib": peak_rss / 2**30,
-            "peak_pss_gib": peak_pss / 2**30, "peak_breakdown_pss_mib": [(k, v / 2**20) for k, v in mem.peak_breakdown],
+            "peak_pss_gib": peak_pss / 2**30, "driver_peak_pss_mib": mem.driver_peak_pss / 2**20,
+            "driver_bytes": summary["pipeline_timing"].get("driver_bytes"), "peak_breakdown_pss_mib": [(k, v / 2**20) for k, v in mem.peak_breakdown],
             "memory_timeline": [(round(s[0], 1), round(s[1] / 2**20), round(s[2] / 2**20), s[3])
                                 for s in mem.samples[::step]],
             "log": str(log_path)}
@@ -173,11 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
         Path(a.out).write_text(json.dumps(report, indent=2))
     print(f"\nB2 filter scale: {report['machine']}; {report['model']}; shards of {shard_rows} rows, chunks of {chunk_rows}")
     print(f"{'rows':>9} {'wall s':>8} {'rows/s':>8} {'steady rows/s':>14} {'start-up s':>10} {'peak ΣRSS GiB':>14} "
-          f"{'peak ΣPSS GiB':>14} {'retained':>9}")
+          f"{'peak ΣPSS GiB':>14} {'driver PSS MiB':>14} {'driver MiB in':>13} {'retained':>9}")
     for r in runs:
         t = r["pipeline_timing"]
         print(f"{r['rows']:>9} {r['wall_s']:>8.0f} {r['rows_per_s']:>8.1f} {t['steady_rows_per_s'] or 0:>14.1f} "
-              f"{t['startup_s']:>10.1f} {r['peak_rss_gib']:>14.2f} {r['peak_pss_gib']:>14.2f} {r['retained']:>9}")
+              f"{t['startup_s']:>10.1f} {r['peak_rss_gib']:>14.2f} {r['peak_pss_gib']:>14.2f} "
+              f"{r['driver_peak_pss_mib']:>14.0f} {(r['driver_bytes'] or 0) / 2**20:>13.2f} {r['retained']:>9}")
     if len(runs) >= 2:
         print(f"peak ΣPSS ratio {report['peak_pss_ratio']:.2f} (goal <= 1.2), time per row ratio "
               f"{report['time_per_row_ratio']:.2f} (1.0 = linear)")

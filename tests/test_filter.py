@@ -215,8 +215,12 @@ def test_filter_retains_exactly_the_rows_the_rule_selects(ray_local, checkpoint,
         assert r["selected"] == (r["id"] in expected)
         assert (r["model_version"], r["delta_pred"], r["delta_std"], r["std_estimator"]) == (
             7, delta_pred, delta_std, "population")
-    # One output file per input shard, the pool's first_error_step passed through.
-    assert sorted(p.name for p in (out / "retained").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    # One output file per chunk of 8 rows: the Parquet shard's row groups of 16, 16, 10 rows make 2 + 2 + 2 chunks,
+    # the JSONL shard's 35 rows 5. The pool's first_error_step passed through.
+    chunk_files = [f"part-00000-{k:06d}.parquet" for k in range(6)] + [f"part-00001-{k:06d}.parquet" for k in range(5)]
+    for kind in ("retained", "discarded", "invalid"):
+        assert sorted(p.name for p in (out / kind).iterdir()) == chunk_files, kind
+    assert summary["pipeline_timing"]["driver_bytes"] < 500 * len(chunk_files)  # counts only, never the rows
     syn = [r for r in retained + discarded if r["id"].startswith("syn-")]
     assert all(r["first_error_step"] is not None for r in syn)
 
@@ -307,7 +311,7 @@ def test_kill_and_rerun_equals_uninterrupted_run(ray_local, checkpoint, tmp_path
         assert summary[k] == reference[k], k
     for sub in ("retained", "discarded", "invalid"):
         names = sorted(p.name for p in (ref / sub).iterdir())
-        assert names == sorted(p.name for p in (out / sub).iterdir()) and len(names) == 6
+        assert names == sorted(p.name for p in (out / sub).iterdir()) and len(names) == 6 * 3  # 48 rows / 16
         for name in names:
             # Bit-for-bit: same rows, same order, same µ/σ.
             assert pq.read_table(out / sub / name).equals(pq.read_table(ref / sub / name)), (sub, name)

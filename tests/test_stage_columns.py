@@ -5,6 +5,8 @@ pickled Python objects (init_ray turns that fallback into an error)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -199,6 +201,35 @@ def test_filter_stages_chain_and_score_each_chunk_on_its_own(checkpoint):
     with pytest.raises(StageContractError, match=r"^finish_chunk: input batch lacks column\(s\) \['shard'\]"):
         finish_chunk({k: v for k, v in out.items() if k != "shard"}, mode="all", delta_pred=0.5, delta_std=0.1,
                      step_threshold=0.5, random_rate=0.0, seed=0, std_estimator="population")
+
+
+def test_write_chunk_writes_each_chunk_from_the_worker_and_returns_only_counts(checkpoint, tmp_path):
+    import pyarrow.parquet as pq
+
+    from actprm_ray.pipeline.filter import (CHUNK_COUNTS_SCHEMA, FilterScoreStage, finish_chunk, work_file,
+                                            write_chunk)
+
+    scorer = FilterScoreStage(str(checkpoint), batch_size=2, dtype="float32", model_version=7, unbiased_std=False)
+    table = finish_chunk(scorer(chunked_rows(checkpoint)), mode="all", delta_pred=0.5, delta_std=0.1,
+                         step_threshold=0.5, random_rate=0.0, seed=0, std_estimator="population")
+    counts = write_chunk(table, output=str(tmp_path / "out"), write_all=False)
+    assert counts.schema == CHUNK_COUNTS_SCHEMA
+    # Rows a, c are chunk 0 (both scored, selected); b, d, e chunk 1, where d has no visible step (invalid).
+    assert counts.to_pylist() == [
+        {"shard": 0, "chunk": 0, "read": 2, "scored": 2, "retained": 2, "discarded": 0, "invalid": 0,
+         "invalid_reasons": "{}"},
+        {"shard": 0, "chunk": 1, "read": 3, "scored": 2, "retained": 2, "discarded": 0, "invalid": 1,
+         "invalid_reasons": json.dumps({table.column("invalid_reason")[3].as_py(): 1})}]
+    out = tmp_path / "out"
+    assert pq.read_table(out / work_file(0, "retained", 0)).column("id").to_pylist() == ["a", "c"]
+    assert pq.read_table(out / work_file(0, "retained", 1)).column("id").to_pylist() == ["b", "e"]
+    assert pq.read_table(out / work_file(0, "invalid", 1)).column("id").to_pylist() == ["d"]
+    assert pq.read_table(out / work_file(0, "invalid", 0)).num_rows == 0
+    assert not (out / work_file(0, "discarded", 0)).exists()  # only with write_all
+    assert not list(out.rglob(".tmp-*"))
+    # Part of a chunk would overwrite its other part's files: refused.
+    with pytest.raises(RuntimeError, match="chunk 1 of shard 0 reached the write stage split"):
+        write_chunk(table.slice(1, 1), output=str(tmp_path / "split"), write_all=False)
 
 
 def test_filter_score_refuses_a_missing_chunk_key_or_part_of_a_chunk(checkpoint):

@@ -2,21 +2,26 @@
 
     input shards (Parquet / JSONL; a file, a folder, local or any pyarrow URI), sorted by path
       -> chunks: fixed row ranges of one shard (<= chunk_rows rows), planned on the driver
-      -> read -> Canonicalize -> Score (actor pool, fixed checkpoint) -> Select      (Ray Data, streaming)
-      -> driver: _work/part-NNNNN/chunk-*.parquet, and once every chunk of a shard is back:
-           retained/part-NNNNN.parquet    valid rows the rule selects (what the judge labels next)
-           discarded/part-NNNNN.parquet   valid rows it trusts (only with write_all)
-           invalid/part-NNNNN.parquet     id + reason of rows that could not be scored
-           ledger/shards/                 the shard's done-record with its counts, appended last (actprm_ray/ledger.py)
+      -> read -> Canonicalize -> Score (actor pool, fixed checkpoint) -> Select -> Write      (Ray Data, streaming)
+           the write stage (on the workers) puts each chunk's rows under _work/part-NNNNN/ and sends the driver
+           only the chunk's counts
+      -> driver, once every chunk of a shard is written: moves the shard's files into place,
+           retained/part-NNNNN-CCCCCC.parquet    valid rows the rule selects (what the judge labels next)
+           discarded/part-NNNNN-CCCCCC.parquet   valid rows it trusts (only with write_all)
+           invalid/part-NNNNN-CCCCCC.parquet     id + reason of rows that could not be scored
+           ledger/shards/                        the shard's done-record with its counts, appended last (actprm_ray/ledger.py)
       -> filter_summary.json              counts over all shards (read, scored, retained, invalid, fraction)
+
+One file per chunk and kind (shard NNNNN, chunk CCCCCC): read a folder as one dataset, and its rows come in input
+order. The rows never pass through the driver: it handles a few hundred bytes per chunk (B2 measures it).
 
 Why chunks: a row's µ depends, in its last bits, on which rows share its forward batch (padded, or packed into one
 line with pipeline.score_pack_tokens: the kernels' shapes change either way). A chunk is a fixed slice of one shard,
 every pipeline call sees whole chunks (batch_size=None) and the scorer batches only inside a chunk, so each row is
-scored with the same neighbours in every run, whatever happened before a kill. A shard's outputs are moved into
-place before its done-record is written, so a rerun with the same output skips exactly the finished shards and the result
-equals an uninterrupted run's. Memory is flat in the number of rows: the driver holds one chunk at a time, Ray
-Data's object-store budget bounds what is in flight.
+scored with the same neighbours in every run, whatever happened before a kill. A shard's files are moved into
+place before its done-record is written, and a rerun first deletes whatever an unfinished shard left (in _work/ or
+already moved), so it skips exactly the finished shards and the result equals an uninterrupted run's. Memory is flat
+in the number of rows: Ray Data's object-store budget bounds what is in flight, and the driver keeps counts only.
 
 Bad rows (data/shards.py, CanonicalizeStage) go to invalid/ with their reason. Duplicate ids are not detected
 here: that needs every id on the driver, and the filter keeps its memory flat. Each occurrence is scored on
@@ -31,19 +36,16 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from actprm_ray.config import Config, run_directory
 from actprm_ray.data.shards import Chunk, filesystem, list_shards, plan_chunks
 from actprm_ray.drivers.run import init_ray_from, job_parser, parse_job_args
 from actprm_ray.ledger import run_ledger_uri, shards_folder
-from actprm_ray.pipeline.filter import (CHUNK_BLOCK_BYTES, DEFAULT_CHUNK_ROWS, INVALID_SCHEMA, OUTPUT_SCHEMA,
-                                        build_filter_plan, checkpoint_version, reason_kind, resolve_model_dir)
+from actprm_ray.pipeline.filter import (CHUNK_BLOCK_BYTES, COUNTS, DEFAULT_CHUNK_ROWS, OUTPUT_KINDS, build_filter_plan,
+                                        checkpoint_version, output_file, resolve_model_dir, shard_key, work_file)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one output file per chunk (part-NNNNN-CCCCCC), written by the workers
 
 
 @dataclass
@@ -58,11 +60,13 @@ class FilterArgs:
     model_version: int | None = None  # recorded on every row; None = the checkpoint's trainer_state.json, else 0
 
 
-# -- output store ------------------------------------------------------------------------------------------------
+# -- output folder ------------------------------------------------------------------------------------------------
 class _Store:
-    """The output folder through a pyarrow file system; writes land under a temporary name and are then moved."""
+    """The output folder through a pyarrow file system (local path or URI). The workers write the rows; the
+    driver only lists, moves and deletes files and writes the small JSON files."""
 
     def __init__(self, uri: str):
+        self.uri = uri if "://" in uri else str(Path(uri).resolve())  # the workers' working directory is not ours
         self.fs, self.root = filesystem(uri)
         self.fs.create_dir(self.root, recursive=True)
         self.ledger_uri = run_ledger_uri(uri if "://" in uri else self.root)
@@ -78,30 +82,18 @@ class _Store:
             return json.loads(f.read())
 
     def write_json(self, rel: str, obj: dict) -> None:
-        self._mkparent(rel)
         tmp = self.path(rel) + ".tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
         self.fs.move(tmp, self.path(rel))
 
-    def writer(self, rel: str, schema: pa.Schema) -> tuple[pq.ParquetWriter, str]:
-        """A Parquet writer on `_tmp-<name>` (ignored by pyarrow.dataset readers) and the temporary path."""
-        self._mkparent(rel)
-        d, name = rel.rsplit("/", 1)
-        tmp = self.path(d, f"_tmp-{name}")
-        return pq.ParquetWriter(tmp, schema, filesystem=self.fs), tmp
+    def move(self, src: str, dest: str) -> None:
+        self.fs.create_dir(self.path(dest.rsplit("/", 1)[0]), recursive=True)
+        self.fs.move(self.path(src), self.path(dest))
 
-    def move(self, tmp: str, rel: str) -> None:
-        self.fs.move(tmp, self.path(rel))
-
-    def write_table(self, rel: str, table: pa.Table) -> None:
-        w, tmp = self.writer(rel, table.schema)
-        w.write_table(table)
-        w.close()
-        self.move(tmp, rel)
-
-    def read_table(self, rel: str) -> pa.Table:
-        return pq.read_table(self.path(rel), filesystem=self.fs)
+    def names(self, folder: str) -> list[str]:
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File]
 
     def delete(self, rel: str) -> None:
         info = self.fs.get_file_info(self.path(rel))
@@ -110,46 +102,31 @@ class _Store:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path(rel))
 
-    def _mkparent(self, rel: str) -> None:
-        if "/" in rel:
-            self.fs.create_dir(self.path(rel.rsplit("/", 1)[0]), recursive=True)
+
+def _clear_unfinished(store: _Store, shards: set[int]) -> None:
+    """Delete what unfinished shards left: their _work/ folders and any file already moved into place."""
+    for shard in shards:
+        store.delete(f"_work/{shard_key(shard)}")
+    for kind in OUTPUT_KINDS:
+        for name in store.names(kind):
+            if name.startswith("part-") and int(name[5:10]) in shards:
+                store.delete(f"{kind}/{name}")
 
 
-def shard_key(i: int) -> str:
-    return f"part-{i:05d}"
-
-
-COUNTS = ("read", "scored", "retained", "discarded", "invalid")
-
-
-def _finalize_shard(store: _Store, shard: int, path: str, n_chunks: int, write_all: bool) -> dict:
-    """Merge a finished shard's chunk files (in chunk order) into its outputs; append its done-record last."""
-    key = shard_key(shard)
-    outs = {"retained": store.writer(f"retained/{key}.parquet", OUTPUT_SCHEMA),
-            "invalid": store.writer(f"invalid/{key}.parquet", INVALID_SCHEMA)}
-    if write_all:
-        outs["discarded"] = store.writer(f"discarded/{key}.parquet", OUTPUT_SCHEMA)
-    counts: Counter = Counter()
+def _finalize_shard(store: _Store, shard: int, path: str, chunks: list[dict], write_all: bool) -> dict:
+    """Move a written shard's chunk files into place (chunk order), then append its done-record with the counts
+    the write stage sent (`chunks`: one row per chunk)."""
+    kinds = [k for k in OUTPUT_KINDS if k != "discarded" or write_all]
+    for c in sorted(chunks, key=lambda c: c["chunk"]):
+        for kind in kinds:
+            store.move(work_file(shard, kind, c["chunk"]), output_file(shard, kind, c["chunk"]))
     reasons: Counter = Counter()
-    for k in range(n_chunks):
-        t = store.read_table(f"_work/{key}/chunk-{k:06d}.parquet")
-        valid = np.asarray(t.column("valid").to_numpy(zero_copy_only=False), dtype=bool)
-        selected = np.asarray(t.column("selected").to_numpy(zero_copy_only=False), dtype=bool) & valid
-        retained, discarded = t.filter(pa.array(selected)), t.filter(pa.array(valid & ~selected))
-        invalid = t.filter(pa.array(~valid))
-        outs["retained"][0].write_table(retained.select(OUTPUT_SCHEMA.names))
-        outs["invalid"][0].write_table(invalid.select(INVALID_SCHEMA.names))
-        if write_all:
-            outs["discarded"][0].write_table(discarded.select(OUTPUT_SCHEMA.names))
-        counts.update(read=t.num_rows, scored=int(valid.sum()), retained=retained.num_rows,
-                      discarded=discarded.num_rows, invalid=invalid.num_rows)
-        reasons.update(reason_kind(r) for r in invalid.column("invalid_reason").to_pylist())
-    for name, (writer, tmp) in outs.items():
-        writer.close()
-        store.move(tmp, f"{name}/{key}.parquet")
-    marker = {"key": key, "shard": path, **{k: counts[k] for k in COUNTS}, "invalid_reasons": json.dumps(dict(reasons))}
+    for c in chunks:
+        reasons.update(json.loads(c["invalid_reasons"]))
+    marker = {"key": shard_key(shard), "shard": path, **{k: sum(c[k] for c in chunks) for k in COUNTS},
+              "invalid_reasons": json.dumps(dict(reasons))}
     shards_folder(store.ledger_uri).append([marker], tag="shard")
-    store.delete(f"_work/{key}")
+    store.delete(f"_work/{shard_key(shard)}")
     return marker
 
 
@@ -215,22 +192,19 @@ def run_filter(cfg: Config, args: FilterArgs, *, torch_threads: int | None = Non
     finished = {r["key"] for r in shards_folder(store.ledger_uri).read().to_pylist()}
     done = [i for i in range(len(shards)) if shard_key(i) in finished]
     pending = [i for i in range(len(shards)) if i not in set(done)]
+    _clear_unfinished(store, set(pending))  # leftovers of a killed run: those shards are redone from scratch
     chunks: list[Chunk] = []
-    n_chunks: dict[int, int] = {}
     for i in pending:
-        store.delete(f"_work/{shard_key(i)}")  # leftovers of a killed run: redone from scratch
         planned = plan_chunks(i, shards[i], args.chunk_rows)
-        n_chunks[i] = len(planned)
         chunks.extend(planned)
         if not planned:  # an empty shard is finished at once
-            _finalize_shard(store, i, shards[i], 0, args.write_all)
+            _finalize_shard(store, i, shards[i], [], args.write_all)
     total_rows = sum(c.rows for c in chunks)
     print(f"[filter] {len(shards)} shards ({len(done)} already done), {total_rows} rows to score in {len(chunks)} "
           f"chunks -> {args.output}", flush=True)
     timing = {}
     if chunks:
-        timing = _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows,
-                               torch_threads)
+        timing = _run_pipeline(cfg, args, store, shards, chunks, model_dir, version, total_rows, torch_threads)
     store.delete("_work")
     summary = _summarize(store, shards, len(done), total_rows, time.time() - started, args, model_dir, version, cfg)
     summary["pipeline_timing"] = timing
@@ -238,16 +212,17 @@ def run_filter(cfg: Config, args: FilterArgs, *, torch_threads: int | None = Non
     return summary
 
 
-def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version, total_rows, torch_threads) -> dict:
-    """Stream the chunks through the plan; write chunk files and finish shards as they complete. Returns timings:
-    start-up (plan start to the first finished chunk: actors, model load) and the steady rate, measured over the
-    second half of the rows so that start-up and the first chunks' queueing behind it cancel out."""
+def _run_pipeline(cfg, args, store, shards, chunks, model_dir, version, total_rows, torch_threads) -> dict:
+    """Stream the chunks through the plan (the workers write them); finish each shard once all its chunks are
+    written. Returns timings: start-up (plan start to the first written chunk: actors, model load), the steady
+    rate, measured over the second half of the rows so that start-up and the first chunks' queueing behind it
+    cancel out, and the bytes the driver received."""
     import ray.data
 
     init_ray_from(cfg)
-    plan = build_filter_plan(cfg, model_dir, version, torch_threads=torch_threads,
-                             source=f"{len(chunks)} chunks of <= {args.chunk_rows} rows",
-                             sink=f"driver: per-shard Parquet under {args.output}")
+    plan = build_filter_plan(cfg, model_dir, version, torch_threads=torch_threads, output=store.uri,
+                             write_all=args.write_all, source=f"{len(chunks)} chunks of <= {args.chunk_rows} rows",
+                             sink=f"driver: chunk counts; per-shard done-records under {args.output}")
     print(f"[filter] plan:\n{plan.describe()}", flush=True)
     # One descriptor per block, so each read call emits exactly one chunk downstream; and a chunk must stay one
     # block (pipeline.block_size_kb is tuned for the loop's row-level backpressure and would split it). The
@@ -257,39 +232,36 @@ def _run_pipeline(cfg, args, store, shards, chunks, n_chunks, model_dir, version
         source.context.target_max_block_size = max(source.context.target_max_block_size, CHUNK_BLOCK_BYTES)
     ds = plan.apply(source)
 
-    expected = {(c.shard, c.chunk): c.rows for c in chunks}
-    left = Counter(c.shard for c in chunks)
-    pieces: dict[tuple[int, int], list[pa.Table]] = defaultdict(list)
-    rows_done, t0, last = 0, time.time(), time.time()
-    arrivals: list[tuple[float, int]] = []  # (time, rows done) after each finished chunk
+    expected = {(c.shard, c.chunk) for c in chunks}
+    per_shard = Counter(c.shard for c in chunks)
+    written: dict[int, list[dict]] = defaultdict(list)
+    rows_done, shards_done, driver_bytes, t0, last = 0, 0, 0, time.time(), time.time()
+    arrivals: list[tuple[float, int]] = []  # (time, rows done) after each written chunk
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        keys = np.stack([table.column("shard").to_numpy(), table.column("chunk").to_numpy()], axis=1)
-        for s, k in {tuple(int(x) for x in row) for row in keys}:
-            mask = (keys[:, 0] == s) & (keys[:, 1] == k)
-            pieces[(s, k)].append(table.filter(pa.array(mask)))
-            got = sum(p.num_rows for p in pieces[(s, k)])
-            if got > expected[(s, k)]:
-                raise RuntimeError(f"chunk {k} of shard {s} came back with {got} rows, expected {expected[(s, k)]}")
-            if got < expected[(s, k)]:
-                continue  # a chunk split over blocks (huge rows): wait for the rest
-            store.write_table(f"_work/{shard_key(s)}/chunk-{k:06d}.parquet", pa.concat_tables(pieces.pop((s, k))))
-            rows_done += got
+        driver_bytes += table.nbytes
+        for c in table.to_pylist():
+            key = (c["shard"], c["chunk"])
+            if key not in expected:
+                raise RuntimeError(f"chunk {key[1]} of shard {key[0]} was written twice or is not in the plan")
+            expected.remove(key)
+            written[c["shard"]].append(c)
+            rows_done += c["read"]
             arrivals.append((time.time(), rows_done))
-            left[s] -= 1
-            if left[s] == 0:
-                _finalize_shard(store, s, shards[s], n_chunks[s], args.write_all)
+            if len(written[c["shard"]]) == per_shard[c["shard"]]:
+                _finalize_shard(store, c["shard"], shards[c["shard"]], written.pop(c["shard"]), args.write_all)
+                shards_done += 1
         if time.time() - last >= cfg.pipeline.status_every_s:
             last = time.time()
             rate = rows_done / max(last - t0, 1e-9)
             print(f"[filter] {last - t0:7.0f}s rows {rows_done}/{total_rows} ({rate:.1f} rows/s), shards left "
-                  f"{sum(1 for v in left.values() if v)}", flush=True)
-    if pieces or any(left.values()):
-        raise RuntimeError(f"pipeline ended with unfinished chunks: {sorted(pieces)[:5]}")
+                  f"{len(per_shard) - shards_done}", flush=True)
+    if expected:
+        raise RuntimeError(f"pipeline ended with unwritten chunks: {sorted(expected)[:5]}")
     end = time.time()
     mid = next((a for a in arrivals if a[1] >= total_rows / 2), None)
     steady = (rows_done - mid[1]) / (arrivals[-1][0] - mid[0]) if mid and arrivals[-1][0] > mid[0] else None
     return {"pipeline_s": end - t0, "startup_s": (arrivals[0][0] if arrivals else end) - t0,
-            "steady_rows_per_s": steady}
+            "steady_rows_per_s": steady, "driver_bytes": driver_bytes}
 
 
 def _summarize(store, shards, skipped, rows_this_run, wall_s, args, model_dir, version, cfg) -> dict:

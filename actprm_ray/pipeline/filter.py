@@ -1,6 +1,9 @@
 """The filter's stages and plan (METHOD §8, stage 2): read a chunk -> Canonicalize -> Score with a fixed
-checkpoint -> Select, on whole chunks. The job around them (chunk planning, output store, per-shard completion
-records, resume) is actprm_ray/drivers/filter.py, whose docstring draws the whole flow.
+checkpoint -> Select -> Write, on whole chunks. The job around them (chunk planning, per-shard completion records,
+resume) is actprm_ray/drivers/filter.py, whose docstring draws the whole flow.
+
+The workers write: the write stage puts each chunk's rows into the output folder's _work/ and sends the driver
+only the chunk's counts (a few hundred bytes), so the rows never pass through the driver, however many there are.
 
 Why chunks: a row's µ depends, in its last bits, on which rows share its forward batch (padded, or packed into one
 line with pipeline.score_pack_tokens: the kernels' shapes change either way). A chunk is a fixed slice of one shard,
@@ -13,15 +16,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from actprm_ray.config import Config
 from actprm_ray.data.rows import NO_ORACLE
-from actprm_ray.data.shards import read_chunk
+from actprm_ray.data.shards import filesystem, read_chunk
 from actprm_ray.pipeline.plan import Plan, StageSpec
 from actprm_ray.pipeline.stages import CanonicalizeStage, ScoreStage, SelectStage, check_columns
 
@@ -45,7 +49,14 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 INVALID_SCHEMA = pa.schema([("id", pa.string()), ("invalid_reason", pa.string())])
 WORK_SCHEMA = pa.schema(list(OUTPUT_SCHEMA) + [("valid", pa.bool_()), ("invalid_reason", pa.string()),
-                                               ("shard", pa.int64()), ("chunk", pa.int64())])
+                                               ("shard", pa.int64()), ("chunk", pa.int64()),
+                                               ("chunk_rows", pa.int64())])
+OUTPUT_KINDS = ("retained", "discarded", "invalid")  # the output folders; discarded only with write_all
+COUNTS = ("read", "scored", "retained", "discarded", "invalid")
+# What the write stage sends back to the driver: one row per chunk.
+CHUNK_COUNTS_SCHEMA = pa.schema([("shard", pa.int64()), ("chunk", pa.int64()),
+                                 *[(k, pa.int64()) for k in COUNTS],
+                                 ("invalid_reasons", pa.string())])  # JSON object: reason kind -> count
 
 
 # -- pipeline stages ------------------------------------------------------------------------------------------------
@@ -113,7 +124,8 @@ class FilterScoreStage(ScoreStage):
 
 
 # What finish_chunk reads besides SelectStage's needs: the filter's output columns (WORK_SCHEMA).
-FINISH_NEEDS = ("question", "steps", "model_version", "oracle_first_error_step", "invalid_reason", "shard", "chunk")
+FINISH_NEEDS = ("question", "steps", "model_version", "oracle_first_error_step", "invalid_reason", "shard", "chunk",
+                "chunk_rows")
 
 
 def finish_chunk(batch: dict, *, mode: str, delta_pred: float, delta_std: float, step_threshold: float,
@@ -138,7 +150,59 @@ def finish_chunk(batch: dict, *, mode: str, delta_pred: float, delta_std: float,
                              for k, ok in zip(sel["oracle_first_error_step"], sel["valid"])],
         "valid": sel["valid"].astype(bool), "invalid_reason": [str(r) for r in sel["invalid_reason"]],
         "shard": sel["shard"].astype(np.int64), "chunk": sel["chunk"].astype(np.int64),
+        "chunk_rows": sel["chunk_rows"].astype(np.int64),
     }, schema=WORK_SCHEMA)
+
+
+# -- the write stage: chunk files from the workers ------------------------------------------------------------------
+def shard_key(shard: int) -> str:
+    return f"part-{shard:05d}"
+
+
+def work_file(shard: int, kind: str, chunk: int) -> str:
+    """A finished chunk's rows of one kind, relative to the output folder, until its shard is complete."""
+    return f"_work/{shard_key(shard)}/{kind}-{chunk:06d}.parquet"
+
+
+def output_file(shard: int, kind: str, chunk: int) -> str:
+    """Where that file is moved once every chunk of the shard is written: sorted names = input row order."""
+    return f"{kind}/{shard_key(shard)}-{chunk:06d}.parquet"
+
+
+def write_chunk(table: pa.Table, *, output: str, write_all: bool) -> pa.Table:
+    """Write each whole chunk in `table` (WORK_SCHEMA) as retained / invalid (/ discarded) Parquet files under
+    `output`/_work; return one CHUNK_COUNTS_SCHEMA row per chunk. Each file lands under a hidden temporary name
+    and is then moved, so a killed worker leaves no half file; a retried task rewrites the same names."""
+    fs, root = filesystem(output)
+    keys = np.stack([table.column("shard").to_numpy(), table.column("chunk").to_numpy()], axis=1)
+    counts = []
+    for shard, chunk in sorted({(int(a), int(b)) for a, b in keys}):
+        t = table.filter(pa.array((keys[:, 0] == shard) & (keys[:, 1] == chunk)))
+        expected = t.column("chunk_rows")[0].as_py()
+        if t.num_rows != expected:
+            # Two pieces of one chunk would write the same file names, the second over the first.
+            raise RuntimeError(f"chunk {chunk} of shard {shard} reached the write stage split ({t.num_rows} of "
+                               f"{expected} rows): lower --chunk_rows")
+        valid = np.asarray(t.column("valid").to_numpy(zero_copy_only=False), dtype=bool)
+        selected = np.asarray(t.column("selected").to_numpy(zero_copy_only=False), dtype=bool) & valid
+        parts = {"retained": t.filter(pa.array(selected)).select(OUTPUT_SCHEMA.names),
+                 "discarded": t.filter(pa.array(valid & ~selected)).select(OUTPUT_SCHEMA.names),
+                 "invalid": t.filter(pa.array(~valid)).select(INVALID_SCHEMA.names)}
+        for kind, part in parts.items():
+            if kind != "discarded" or write_all:
+                _write_atomic(fs, f"{root.rstrip('/')}/{work_file(shard, kind, chunk)}", part)
+        reasons = Counter(reason_kind(r) for r in parts["invalid"].column("invalid_reason").to_pylist())
+        counts.append({"shard": shard, "chunk": chunk, "read": t.num_rows, "scored": int(valid.sum()),
+                       **{k: parts[k].num_rows for k in OUTPUT_KINDS}, "invalid_reasons": json.dumps(dict(reasons))})
+    return pa.Table.from_pylist(counts, schema=CHUNK_COUNTS_SCHEMA)
+
+
+def _write_atomic(fs, path: str, table: pa.Table) -> None:
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.tmp-{name}"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)
 
 
 class ChunkStage(StageSpec):
@@ -186,8 +250,9 @@ def reason_kind(reason: str) -> str:
 
 
 def build_filter_plan(cfg: Config, model_dir: Path, version: int, *, source: str, sink: str,
-                      torch_threads: int | None = None) -> Plan:
-    """read -> canonicalize -> score -> select, every stage at fractional CPUs and on whole chunks."""
+                      output: str | None = None, write_all: bool = False, torch_threads: int | None = None) -> Plan:
+    """read -> canonicalize -> score -> select (-> write into `output`, when given), every stage at fractional
+    CPUs and on whole chunks. Without `output` the plan ends with the selected rows (evaluation on Ray)."""
     p, s = cfg.pipeline, cfg.selection
     prm = json.loads((model_dir / "config.json").read_text())["actprm"]
     restart = dict(max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
@@ -210,4 +275,6 @@ def build_filter_plan(cfg: Config, model_dir: Path, version: int, *, source: str
                                  step_threshold=s.step_threshold, random_rate=s.random_rate, seed=s.seed,
                                  std_estimator=estimator),
                   num_cpus=p.map_num_cpus),
+        *([StageSpec("write", write_chunk, fn_kwargs=dict(output=output, write_all=write_all),
+                     num_cpus=p.map_num_cpus, batch_format="pyarrow")] if output else []),
     ])

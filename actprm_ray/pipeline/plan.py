@@ -29,6 +29,7 @@ class StageSpec:
     num_gpus: float = 0.0
     actors: tuple[int, int] | None = None  # (min, max) actor pool for callable classes; None = tasks
     remote_args: dict = field(default_factory=dict)
+    batch_format: str = "numpy"  # what the callable receives: "numpy" (dict of arrays) or "pyarrow" (a Table)
 
     def describe(self) -> str:
         where = f"actors {self.actors[0]}..{self.actors[1]}" if self.actors else "tasks"
@@ -38,7 +39,7 @@ class StageSpec:
     def apply(self, ds):
         import ray.data
 
-        kwargs: dict[str, Any] = dict(batch_size=self.batch_size, batch_format="numpy", num_cpus=self.num_cpus,
+        kwargs: dict[str, Any] = dict(batch_size=self.batch_size, batch_format=self.batch_format, num_cpus=self.num_cpus,
                                       zero_copy_batch=False, **self.remote_args)
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus
