@@ -61,11 +61,8 @@ def evaluate(model: EnsemblePRM, encoded: list[dict], tau: float = 0.5) -> dict:
 
 
 def fresh_model(backbone: str, cfg: Config) -> EnsemblePRM:
-    m, s = cfg.model, cfg.selection
-    prm = PRMConfig(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
-                    system_prompt=m.system_prompt, unbiased_std=s.unbiased_std)
     torch.manual_seed(cfg.run.seed)
-    return EnsemblePRM.from_backbone(backbone, prm)
+    return EnsemblePRM.from_backbone(backbone, PRMConfig.from_config(cfg))
 
 
 def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list[dict]], *, eval_every: int,

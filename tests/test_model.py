@@ -444,3 +444,17 @@ def test_loaders_pass_trust_remote_code_false(monkeypatch, saved_checkpoint, tin
     with caplog.at_level(logging.WARNING, logger="actprm_ray.model.ensemble_prm"):
         EnsemblePRM.from_backbone(tiny_backbone_dir, PRMConfig(n_heads=1), trust_remote_code=True)
     assert "trust_remote_code=True" in caplog.text
+
+
+def test_prm_config_takes_the_config_trees_defaults_and_a_runs_settings():
+    from actprm_ray.config import load_config
+    from actprm_ray.model.ensemble_prm import PRMConfig
+
+    # One set of defaults: a bare PRMConfig is what the default config tree builds.
+    assert PRMConfig() == PRMConfig.from_config(load_config())
+    cfg = load_config(overrides=["model.n_heads=3", "model.sep=<step>", "model.system_prompt=Be brief.",
+                                 "selection.delta_std=0.01", "selection.unbiased_std=true", "model.init=truncated"])
+    prm = PRMConfig.from_config(cfg)
+    assert (prm.n_heads, prm.sep, prm.system_prompt, prm.init, prm.unbiased_std) == (3, "<step>", "Be brief.",
+                                                                                     "truncated", True)
+    assert prm.thresholds == {"delta_pred": 0.95, "delta_std": 0.01, "step_threshold": 0.5}

@@ -48,14 +48,9 @@ def prepare_initial_model(cfg: Config, run_dir: Path) -> Path:
         from actprm_ray.model.import_gguf import resolve_model
 
         backbone = resolve_model(backbone)
-    s = cfg.selection
-    prm_cfg = PRMConfig(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
-                        system_prompt=m.system_prompt, unbiased_std=s.unbiased_std,
-                        thresholds={"delta_pred": s.delta_pred, "delta_std": s.delta_std,
-                                    "step_threshold": s.step_threshold})
     import torch
 
-    model = EnsemblePRM.from_backbone(backbone, prm_cfg, dtype=getattr(torch, m.dtype),
+    model = EnsemblePRM.from_backbone(backbone, PRMConfig.from_config(cfg), dtype=getattr(torch, m.dtype),
                                       trust_remote_code=m.trust_remote_code)
     return model.save_pretrained(init_dir)
 

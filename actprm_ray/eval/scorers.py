@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, encode_trajectory
+from actprm_ray.data.step_format import DEFAULT_SYSTEM_PROMPT, encode_trajectory
 from actprm_ray.eval.batching import Scored, token_limit_reason
 from actprm_ray.model.scoring import length_batches, score_encoded
 
@@ -100,8 +100,7 @@ def build_tiny_checkpoint(spec: str, workdir: str | Path, seed: int = 0) -> Path
         from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig
 
         backbone = build_tiny_backbone(workdir / "tiny_backbone", seed=seed)
-        cfg = PRMConfig(init_seed=seed, sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT)
-        EnsemblePRM.from_backbone(backbone, cfg).save_pretrained(out)
+        EnsemblePRM.from_backbone(backbone, PRMConfig(init_seed=seed)).save_pretrained(out)
     return out
 
 

@@ -23,22 +23,41 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from actprm_ray.config import Config, ModelConfig, SelectionConfig
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
+_MODEL, _SELECTION = ModelConfig(), SelectionConfig()
+
+
 @dataclass
 class PRMConfig:
-    n_heads: int = 32
-    head_hidden: int = 128
-    init_seed: int = 0
-    init: str = "normal"  # normal | truncated
-    sep: str = "<extra_0>"
-    system_prompt: str = ""
-    thresholds: dict = field(default_factory=lambda: {"delta_pred": 0.95, "delta_std": 0.005, "step_threshold": 0.5})
-    unbiased_std: bool = False
+    """What a checkpoint needs besides its weights, saved as config.json's "actprm" entry: the heads' shape and
+    initialisation, the step format its heads read, and the selection settings it was built with. The defaults
+    are the config tree's (ModelConfig, SelectionConfig: one set of defaults); `from_config` takes a run's."""
+
+    n_heads: int = _MODEL.n_heads
+    head_hidden: int = _MODEL.head_hidden
+    init_seed: int = _MODEL.init_seed
+    init: str = _MODEL.init  # normal | truncated
+    sep: str = _MODEL.sep
+    system_prompt: str = _MODEL.system_prompt
+    thresholds: dict = field(default_factory=lambda: {"delta_pred": _SELECTION.delta_pred,
+                                                      "delta_std": _SELECTION.delta_std,
+                                                      "step_threshold": _SELECTION.step_threshold})
+    unbiased_std: bool = _SELECTION.unbiased_std
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "PRMConfig":
+        m, s = cfg.model, cfg.selection
+        return cls(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
+                   system_prompt=m.system_prompt, unbiased_std=s.unbiased_std,
+                   thresholds={"delta_pred": s.delta_pred, "delta_std": s.delta_std,
+                               "step_threshold": s.step_threshold})
 
 
 class StackedHeads(nn.Module):
