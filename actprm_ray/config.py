@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -515,23 +514,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
-
-
-def parse_args(argv: list[str] | None = None, default_config: Path | None = DEFAULT_CONFIG) -> Config:
-    """`[--config FILE] [a.b=c ...]`, the command line of every job; without --config, `default_config`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path = default_config if default_config is not None and Path(default_config).is_file() else None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a file")
-        path = argv[i + 1]
-        del argv[i : i + 2]
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("usage: [--config conf/X.yaml] [section.key=value ...]; see docs/CONFIG.md for every key")
-        raise SystemExit(0)
-    return load_config(path, argv)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -9,28 +9,34 @@ and the vLLM judge, without starting Ray or loading weights, and exits 1 when th
 hardware it names (cluster.gpu_memory_gb, cluster.num_gpus).
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from actprm_ray.config import parse_args  # noqa: E402
+from actprm_ray.config import DEFAULT_CONFIG, Config  # noqa: E402
 from actprm_ray.drivers.active import run_active  # noqa: E402
+from actprm_ray.drivers.run import job_parser, parse_job_args  # noqa: E402
 from actprm_ray.drivers.run_report import verdict  # noqa: E402
 
 
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """--dry_run, then --config (default conf/default.yaml) and a.b=c overrides."""
+    p = job_parser("jobs/active_train.py", __doc__)
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the plan, the ScalingConfig and memory estimates; start no Ray, load no weights")
+    return parse_job_args(p, argv, default_config=DEFAULT_CONFIG)
+
+
 def main() -> None:
-    argv = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)  # then parse_args prints the config usage and exits
-    if "--dry_run" in argv:
+    known, cfg = parse_args(sys.argv[1:])
+    if known.dry_run:
         from actprm_ray.drivers.dry_run import dry_run
 
-        argv.remove("--dry_run")
-        config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-        raise SystemExit(dry_run(parse_args(argv), config_path))
-    summary = run_active(parse_args(argv))
+        raise SystemExit(dry_run(cfg, known.config))
+    summary = run_active(cfg)
     keys = ("rows_read", "outcomes", "labels_used", "trust_pct", "pseudo_label_accuracy", "model_versions_published",
             "lag_histogram", "wall_time_s", "checkpoint")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))

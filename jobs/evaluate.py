@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from actprm_ray.config import Config, parse_args, run_directory, save_resolved  # noqa: E402
+from actprm_ray.config import Config, run_directory, save_resolved  # noqa: E402
+from actprm_ray.drivers.run import job_parser, parse_job_args  # noqa: E402
 from actprm_ray.eval.report import write_outputs  # noqa: E402
 from actprm_ray.eval.runner import run_benchmark  # noqa: E402
 from actprm_ray.eval.scorers import TINY_SPECS, build_local_scorer, build_tiny_checkpoint  # noqa: E402
@@ -51,12 +52,14 @@ def build_scorer(cfg: Config, checkpoint: Path):
     return build_local_scorer(checkpoint, kind=e.kind, device=e.device, system_prompt=e.system_prompt)
 
 
+def parse_args(argv: list[str]) -> Config:
+    """--config FILE and a.b=c overrides (eval.*, pipeline.score_*): the command line of every job."""
+    return parse_job_args(job_parser("jobs/evaluate.py", __doc__), argv)[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)  # then parse_args prints the config usage and exits
-    cfg = resolve(parse_args(argv, default_config=None))
+    cfg = resolve(parse_args(sys.argv[1:] if argv is None else argv))
     e = cfg.eval
     print(f"[actprm] config: {save_resolved(cfg, e.out)}")
     with tempfile.TemporaryDirectory(prefix="actprm-eval-") as tmp:

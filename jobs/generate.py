@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from actprm_ray.config import ConfigError, parse_args  # noqa: E402
+from actprm_ray.config import Config, ConfigError  # noqa: E402
+from actprm_ray.drivers.run import job_parser, parse_job_args  # noqa: E402
 from actprm_ray.generate.job import GenerateError, run_generate  # noqa: E402
 from actprm_ray.generate.rollouts import ProblemsError  # noqa: E402
 from actprm_ray.generate.shards import ShardMismatch  # noqa: E402
@@ -31,11 +32,14 @@ from actprm_ray.generate.shards import ShardMismatch  # noqa: E402
 USER_ERRORS = (ConfigError, ProblemsError, ShardMismatch, GenerateError)
 
 
+def parse_args(argv: list[str]) -> Config:
+    """--config FILE and a.b=c overrides (generate.*, model.system_prompt): the command line of every job."""
+    return parse_job_args(job_parser("jobs/generate.py", __doc__), argv)[1]
+
+
 def main(argv: list[str]) -> dict:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)  # then parse_args prints the config usage and exits
     try:
-        summary = run_generate(parse_args(argv, default_config=None))
+        summary = run_generate(parse_args(argv))
     except USER_ERRORS as e:
         raise SystemExit(f"generate: error: {e}") from None
     print(json.dumps(summary))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actprm_ray.config import Config, ConfigError, load_config, parse_args, save_resolved, to_dict, validate
+from actprm_ray.config import Config, ConfigError, load_config, save_resolved, to_dict, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,21 +124,13 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_parse_args(tmp_path):
-    path = write(tmp_path, "model:\n  n_heads: 4\n")
-    cfg = parse_args(["--config", str(path), "selection.delta_std=0.002"])
-    assert cfg.model.n_heads == 4 and cfg.selection.delta_std == 0.002
-    with pytest.raises(ConfigError, match="--config needs a file"):
-        parse_args(["--config"])
-
-
 def test_evaluate_and_generate_read_the_one_tree():
     """The evaluate and generate jobs' settings are sections of Config: --config file, then a.b=c overrides."""
-    cfg = parse_args(["--config", str(REPO / "conf" / "eval_7b.yaml"), "eval.checkpoint=/ckpt",
-                      "eval.benchmarks=[processbench]", "pipeline.score_batch_size=8"], default_config=None)
+    cfg = load_config(REPO / "conf" / "eval_7b.yaml", ["eval.checkpoint=/ckpt", "eval.benchmarks=[processbench]",
+                                                       "pipeline.score_batch_size=8"])
     assert (cfg.eval.checkpoint, cfg.eval.benchmarks, cfg.eval.scorer) == ("/ckpt", ["processbench"], "ray")
     assert (cfg.pipeline.score_actors, cfg.pipeline.score_num_gpus, cfg.pipeline.score_batch_size) == (8, 1.0, 8)
-    gen = parse_args(["--config", str(REPO / "conf" / "generate_7b.yaml"), "generate.limit=4"], default_config=None)
+    gen = load_config(REPO / "conf" / "generate_7b.yaml", ["generate.limit=4"])
     assert (gen.generate.model, gen.generate.limit, gen.generate.max_model_len) == ("Qwen/Qwen2.5-Math-7B-Instruct", 4, None)
     assert load_config().generate.model == "tiny"  # the embedded default runs on a laptop
 

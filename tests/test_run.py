@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
-from actprm_ray.config import load_config
+from actprm_ray.config import DEFAULT_CONFIG, load_config
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.drivers.run import Run, job_parser, parse_job_args
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _parser():
@@ -54,7 +58,26 @@ def _train(argv):
     return init, cfg
 
 
-JOBS = {"jobs/filter.py": _filter, "jobs/label.py": _label, "jobs/train.py": _train}
+def _job_file(name: str):
+    """A jobs/*.py module, loaded by path (jobs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"test_run_jobs_{name}", REPO / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _active(argv):
+    known, cfg = _job_file("active_train").parse_args(["--dry_run", *argv])
+    return ("in" if known.dry_run else None), cfg
+
+
+def _config_only(name):
+    return lambda argv: ("in", _job_file(name).parse_args(argv))  # no flags of their own
+
+
+JOBS = {"jobs/filter.py": _filter, "jobs/label.py": _label, "jobs/train.py": _train, "jobs/active_train.py": _active,
+        "jobs/evaluate.py": _config_only("evaluate"), "jobs/generate.py": _config_only("generate")}
+DEFAULT_FILE = {"jobs/active_train.py": DEFAULT_CONFIG}  # the others start from the dataclass defaults
 
 
 @pytest.mark.parametrize("prog", sorted(JOBS))
@@ -64,7 +87,8 @@ def test_every_job_reads_its_flags_then_config_then_overrides(prog, tmp_path):
     own, cfg = JOBS[prog](["--config", str(conf), "train.lr=0.25"])
     assert own == "in" and cfg.run.name == "from_file" and cfg.train.lr == 0.25  # the override wins over the file
     own, cfg = JOBS[prog](["selection.delta_pred=0.75"])
-    assert cfg.selection.delta_pred == 0.75 and cfg.train.lr == load_config().train.lr
+    default = load_config(DEFAULT_FILE.get(prog))
+    assert cfg.selection.delta_pred == 0.75 and cfg.train.lr == default.train.lr and cfg.run.name == default.run.name
 
 
 @pytest.mark.parametrize("prog", sorted(JOBS))

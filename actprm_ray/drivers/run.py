@@ -13,8 +13,8 @@
 
 Every step is a method, called by the job in its own order: the jobs write the same files at the same moments
 as before the skeleton (the active job saves its config before it places the label cache, supervised training
-after it derives the LR schedule's length). jobs/filter.py, label.py and train.py read their command line with
-job_parser + parse_job_args (jobs/active_train.py with config.parse_args, the same --config and a.b=c).
+after it derives the LR schedule's length). Every job reads its command line with job_parser + parse_job_args:
+its own flags, then --config FILE and the a.b=c overrides of the one config tree.
 """
 
 from __future__ import annotations
@@ -142,13 +142,19 @@ def init_ray_from(cfg: Config, **settings) -> None:
 
 def job_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A job's command line: its own flags (added by the job), then parse_job_args adds --config and a.b=c."""
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, allow_abbrev=False)
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=epilog or "Any a.b=c argument overrides a key of the config tree "
+                                                    "(docs/CONFIG.md lists every key).")
 
 
-def parse_job_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, Config]:
-    """(the job's flags, the shared Config from `--config FILE` and the a.b=c overrides); an unknown flag is an
-    error, not an override."""
-    parser.add_argument("--config", default=None, help="YAML config file, applied before the a.b=c overrides")
+def parse_job_args(parser: argparse.ArgumentParser, argv: list[str],
+                   default_config: Path | None = None) -> tuple[argparse.Namespace, Config]:
+    """(the job's flags, the Config from `--config FILE`, else `default_config` where that file exists, and the
+    a.b=c overrides); an unknown flag is an error, not an override."""
+    default = str(default_config) if default_config is not None and Path(default_config).is_file() else None
+    parser.add_argument("--config", default=default, metavar="FILE",
+                        help=f"YAML config file, applied before the a.b=c overrides (default: {default or 'none'})")
     known, rest = parser.parse_known_args(argv)
     flags = [a for a in rest if a.startswith("-")]
     if flags:
