@@ -137,7 +137,8 @@ def test_limit_tokens_marks_long_valid_rows_invalid():
 
     from actprm_ray.eval.ray_scorer import limit_tokens
 
-    batch = {"input_ids": np.array([np.arange(3), np.arange(6), np.arange(9)], dtype=object),
+    batch = {"id": np.array(["a", "b", "c"]),
+             "input_ids": np.array([np.arange(3), np.arange(6), np.arange(9)], dtype=object),
              "valid": np.array([True, True, False]),
              "invalid_reason": np.array(["", "", "x"])}  # fixed-width <U1: a longer reason must not be cut
     out = limit_tokens(batch, max_tokens=5)

@@ -43,6 +43,7 @@ def stage_classes() -> list[type]:
     """Every Stage subclass the package defines (importing the modules that hold them)."""
     import actprm_ray.drivers.label_job  # noqa: F401
     import actprm_ray.drivers.supervised  # noqa: F401
+    import actprm_ray.eval.ray_scorer  # noqa: F401
     import actprm_ray.pipeline.filter  # noqa: F401
 
     found, todo = [], [Stage]
@@ -57,7 +58,7 @@ def stage_classes() -> list[type]:
 def test_every_stage_declares_what_it_needs_and_adds():
     stages = stage_classes()
     assert {"CanonicalizeStage", "CarryCanonicalizeStage", "LabelledCanonicalizeStage", "ScoreStage",
-            "FilterScoreStage", "SelectStage", "LabelStage", "PrepareRowsStage"} <= {c.__name__ for c in stages}
+            "FilterScoreStage", "SelectStage", "LabelStage", "PrepareRowsStage", "TokenLimitStage"} <= {c.__name__ for c in stages}
     for cls in stages:
         assert "id" in cls.needs, cls  # outcomes account every row by id
         assert cls.adds and len(set(cls.adds)) == len(cls.adds), cls

@@ -24,20 +24,33 @@ import numpy as np
 from actprm_ray.data.step_format import DEFAULT_SYSTEM_PROMPT
 from actprm_ray.eval.batching import Scored, token_limit_reason
 from actprm_ray.model.scoring import length_batches
+from actprm_ray.pipeline.stages import Stage
+
+
+class TokenLimitStage(Stage):
+    """Canonicalised rows -> + num_tokens (for the padding report); a valid row over max_tokens becomes invalid,
+    with the reason: evaluation never truncates (METHOD §2)."""
+
+    needs = ("id", "input_ids", "valid", "invalid_reason")
+    adds = ("num_tokens", "valid", "invalid_reason")
+
+    def __init__(self, max_tokens: int | None):
+        self.max_tokens = max_tokens
+
+    def process(self, batch: dict) -> dict:
+        num_tokens = np.asarray([len(ids) for ids in batch["input_ids"]], dtype=np.int64)
+        # An object copy of the reasons: a fixed-width string array would cut a longer reason short.
+        valid, reasons = np.array(batch["valid"], dtype=bool), np.array(batch["invalid_reason"], dtype=object)
+        for i in np.flatnonzero(valid):
+            why = token_limit_reason(int(num_tokens[i]), self.max_tokens)
+            if why:
+                valid[i], reasons[i] = False, why
+        return {"num_tokens": num_tokens, "valid": valid, "invalid_reason": reasons}
 
 
 def limit_tokens(batch: dict, *, max_tokens: int | None) -> dict:
-    """Canonicalised rows -> + num_tokens; a valid row over max_tokens becomes invalid, with the reason."""
-    from actprm_ray.pipeline.stages import arrow_lists
-
-    num_tokens = np.asarray([len(ids) for ids in batch["input_ids"]], dtype=np.int64)
-    # An object copy of the reasons: a fixed-width string array would cut a longer reason short.
-    valid, reasons = np.array(batch["valid"], dtype=bool), np.array(batch["invalid_reason"], dtype=object)
-    for i in np.flatnonzero(valid):
-        why = token_limit_reason(int(num_tokens[i]), max_tokens)
-        if why:
-            valid[i], reasons[i] = False, why
-    return arrow_lists({**batch, "num_tokens": num_tokens, "valid": valid, "invalid_reason": reasons})
+    """TokenLimitStage as a Ray Data task (it holds no state worth an actor)."""
+    return TokenLimitStage(max_tokens)(batch)
 
 
 class RayDataScorer:
