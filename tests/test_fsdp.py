@@ -83,6 +83,18 @@ def _fit(root: Path, name: str, init_dir: Path, rows: list[dict], *overrides: st
     return [m for m in map(json.loads, open(run_dir / "metrics.jsonl")) if not m["final"]]
 
 
+def _assert_same_curve(ddp: list[dict], fsdp: list[dict], steps: int, title: str) -> None:
+    """Both runs took `steps` steps with the same loss and grad norm per step, to 1e-4; prints the table."""
+    assert [m["step"] for m in ddp] == [m["step"] for m in fsdp] == list(range(1, steps + 1))
+    print(f"\n{title}\nstep  DDP loss     FSDP loss    |diff|     DDP grad norm  FSDP grad norm")
+    for a, b in zip(ddp, fsdp):
+        print(f"{a['step']:4d}  {a['loss']:.7f}  {b['loss']:.7f}  {abs(a['loss'] - b['loss']):.1e}  "
+              f"{a['grad_norm']:12.6f}  {b['grad_norm']:12.6f}")
+    for a, b in zip(ddp, fsdp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a["step"], a, b)
+
+
 def _final_checkpoint(run_dir: Path) -> Path:
     ckpts = sorted((run_dir / "ray_train").rglob("trainer_state.json"), key=lambda p: json.loads(p.read_text())["step"])
     return ckpts[-1].parent
@@ -113,15 +125,7 @@ def test_fsdp_matches_ddp_checkpoints_publishes_and_resumes(ray_local, tiny_back
     fsdp = _fit(tmp_path, "fsdp", init_dir, rows, "train.parallel_strategy=fsdp", "model.gradient_checkpointing=true")
     fsdp_s = time.time() - started - ddp_s
 
-    assert [m["step"] for m in ddp] == [m["step"] for m in fsdp] == list(range(1, STEPS + 1))
-    print(f"\nDDP {ddp_s:.0f} s, FSDP (12 + resumed 12) {fsdp_s:.0f} s\nstep  DDP loss     FSDP loss    |diff|"
-          "     DDP grad norm  FSDP grad norm")
-    for a, b in zip(ddp, fsdp):
-        print(f"{a['step']:4d}  {a['loss']:.7f}  {b['loss']:.7f}  {abs(a['loss'] - b['loss']):.1e}  "
-              f"{a['grad_norm']:12.6f}  {b['grad_norm']:12.6f}")
-    for a, b in zip(ddp, fsdp):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a["step"], a, b)
+    _assert_same_curve(ddp, fsdp, STEPS, f"DDP {ddp_s:.0f} s, FSDP (12 + resumed 12) {fsdp_s:.0f} s")
     assert min(m["grad_norm"] for m in ddp) > 0.1  # clipping (at 0.1) acted on every step
     assert len({round(m["loss"], 4) for m in ddp}) > STEPS // 2  # the curve moves: the comparison means something
 
@@ -189,15 +193,7 @@ def test_fsdp_matches_ddp_on_smollm2(ray_local, tmp_path):
     fsdp = _fit(tmp_path, "fsdp", init_dir, rows, "train.parallel_strategy=fsdp", "model.gradient_checkpointing=true",
                 *common)
     fsdp_s = time.time() - started - ddp_s
-    assert [m["step"] for m in ddp] == [m["step"] for m in fsdp] == list(range(1, SMOL_STEPS + 1))
-    print(f"\nSmolLM2-135M: DDP {ddp_s:.0f} s, FSDP {fsdp_s:.0f} s\nstep  DDP loss     FSDP loss    |diff|"
-          "     DDP grad norm  FSDP grad norm")
-    for a, b in zip(ddp, fsdp):
-        print(f"{a['step']:4d}  {a['loss']:.7f}  {b['loss']:.7f}  {abs(a['loss'] - b['loss']):.1e}  "
-              f"{a['grad_norm']:12.6f}  {b['grad_norm']:12.6f}")
-    for a, b in zip(ddp, fsdp):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * max(1.0, a["grad_norm"]), (a["step"], a, b)
+    _assert_same_curve(ddp, fsdp, SMOL_STEPS, f"SmolLM2-135M: DDP {ddp_s:.0f} s, FSDP {fsdp_s:.0f} s")
     assert len({round(m["loss"], 4) for m in ddp}) > SMOL_STEPS // 2  # the curve moves
     got = EnsemblePRM.from_pretrained(_final_checkpoint(tmp_path / "fsdp") / "model")
     start = EnsemblePRM.from_pretrained(init_dir)
