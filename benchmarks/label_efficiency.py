@@ -1,6 +1,7 @@
-"""Label efficiency at small scale (issue 7, METHOD §10): active vs random vs full-data, on CPU.
+"""Label efficiency through the streaming loop (issue 17, METHOD §10): active vs random vs full data vs inline, on CPU.
 
-    python benchmarks/label_efficiency.py            # issue 17 headline: 10,000 rows x 5 seeds x 4 arms (~1.5 h, resumable)
+    python benchmarks/label_efficiency.py            # the headline: 10,000 rows x 5 seeds x 4 arms (~1.7 h quiet, resumable)
+    python benchmarks/label_efficiency.py --report-only   # the outputs from the recorded runs (+ backbone build if missing)
     python benchmarks/label_efficiency.py --quick    # CI smoke run (<= 5 min): 1 seed, tiny pool, 3 arms
 
 Every arm is one streaming run (`run_active`) over the same synthetic pool with the oracle labeler, in one
@@ -13,8 +14,9 @@ Finished runs are also recorded in benchmarks/results/label_efficiency_runs/ (do
 backbone build's fingerprint, ~10 KB a run) and restored from there on start, so the sweep resumes across
 sessions on fresh machines: commit the records with the results.
 
-Outputs (in --out): label_efficiency.json (every evaluated point), label_efficiency.md (table), and
-label_efficiency.png (F1 vs labels, mean line per arm, min..max over seeds shaded).
+Outputs (in --out, default benchmarks/results): label_efficiency.json (every evaluated point), label_efficiency.md
+(tables, paired differences) and label_efficiency.png (F1 vs labels, mean line per arm, 95% t-interval over seeds
+shaded, the zero-label LM-surprise reference as a line).
 """
 
 from __future__ import annotations
@@ -417,6 +419,10 @@ def main(argv: list[str] | None = None) -> dict:
         restored = restore_records(records, work)
         if restored:
             print(f"[label_efficiency] restored {len(restored)} finished run(s) from {records}: {' '.join(restored)}")
+        other = sorted(r.parent.name for r in records.glob("*/backbone.txt") if r.read_text().strip() != backbone)
+        if other:  # a rebuilt backbone (another machine or thread count) is not bit-identical: say which runs differ
+            print(f"[label_efficiency] WARNING: {len(other)} recorded run(s) trained on another backbone build than "
+                  f"this machine's {backbone}: {' '.join(other)}", flush=True)
     if not args.report_only:
         init_ray(num_cpus=2, no_progress_timeout_s=300)
     t0 = time.time()

@@ -266,20 +266,48 @@ class EnsemblePRM(nn.Module):
         from transformers import AutoTokenizer
 
         src = Path(directory)
-        if not (src / "config.json").is_file():
-            raise FileNotFoundError(f"{src} is not an EnsemblePRM checkpoint (no config.json)")
-        refuse_pickle_files(src)
-        meta = json.loads((src / "config.json").read_text())
-        if "actprm" not in meta:
-            raise ValueError(f"{src}/config.json has no 'actprm' section: not an EnsemblePRM checkpoint")
+        config = _checkpoint_config(src)
         _warn_remote_code(trust_remote_code)
-        config = PRMConfig(**meta["actprm"])
         tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
         backbone = _load_backbone(src / "backbone", dtype, trust_remote_code, attn_implementation)
         model = cls(backbone, config, tokenizer)
         model.heads.float()
         model.load_head_state(load_file(src / "heads.safetensors"))
         return model
+
+    @classmethod
+    def skeleton(cls, directory: str | Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None) -> "EnsemblePRM":
+        """Checkpoint `directory`'s model without its weights: every parameter (and the anchors) on the meta device,
+        so nothing is read and no memory taken; the backbone's computed buffers (rotary frequencies) are real.
+        Sharded training builds this on every rank but 0 and receives its shards from rank 0
+        (train/sharding.load_sharded). accelerate's init_empty_weights keeps the buffers off the meta device."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        src = Path(directory)
+        config = _checkpoint_config(src)
+        _warn_remote_code(trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        backbone_config = AutoConfig.from_pretrained(src / "backbone", trust_remote_code=trust_remote_code)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        with init_empty_weights(include_buffers=False):
+            backbone = AutoModel.from_config(backbone_config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             **kwargs)
+            model = cls(backbone, config, tokenizer)
+        model.heads.float()
+        return model
+
+
+def _checkpoint_config(src: Path) -> PRMConfig:
+    """The PRMConfig of checkpoint `src`, refusing anything that is not an EnsemblePRM checkpoint or holds pickles."""
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not an EnsemblePRM checkpoint (no config.json)")
+    refuse_pickle_files(src)
+    meta = json.loads((src / "config.json").read_text())
+    if "actprm" not in meta:
+        raise ValueError(f"{src}/config.json has no 'actprm' section: not an EnsemblePRM checkpoint")
+    return PRMConfig(**meta["actprm"])
 
 
 def refuse_pickle_files(directory: Path) -> None:

@@ -52,20 +52,13 @@ class Worker:
         optim_state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                model = EnsemblePRM.from_pretrained(Path(d) / "model", dtype=dtype, attn_implementation=attn)
+                self.model = self._load_model(Path(d) / "model", dtype, attn)
                 self.state = json.loads((Path(d) / "trainer_state.json").read_text())
                 optim_path = Path(d) / f"optim_rank{self.rank}.pt"
                 if optim_path.exists():
                     optim_state = torch.load(optim_path, weights_only=True)  # tensors only, no pickle code
         else:
-            model = EnsemblePRM.from_pretrained(run_dir / "init", dtype=dtype, attn_implementation=attn)
-        if cfg.model.gradient_checkpointing:  # non-reentrant: the variant FSDP2's re-gather in backward needs
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.parallel_strategy == "fsdp":
-            # Ray Train's prepare_model(parallel_strategy="fsdp") is FSDP1 and GPU-only; FSDP2 runs on gloo too.
-            self.model = sharding.shard(model, self.device)
-        else:
-            self.model = ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
+            self.model = self._load_model(run_dir / "init", dtype, attn)
         self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
         self.optimizer, self.scheduler = build_optimizer(self.model, self.core, cfg.train)
         self.grad_norm = float("nan")
@@ -91,6 +84,20 @@ class Worker:
         self.phase_s: Counter = Counter({"wait": 0.0, "publish": 0.0, "report": 0.0, "checkpoint": 0.0})
         self.rows_at_start = self.state["rows_trained"]  # busy_s restarts with the process; so does its row count
         self.history: list[dict] = []  # per-step metrics since the last ray.train.report, which carries them all
+
+    def _load_model(self, directory: Path, dtype: torch.dtype, attn: str | None) -> torch.nn.Module:
+        """The model of a checkpoint directory, wrapped for the parallel strategy."""
+        import ray.train.torch
+
+        cfg = self.cfg
+        if cfg.train.parallel_strategy == "fsdp":
+            # Ray Train's prepare_model(parallel_strategy="fsdp") is FSDP1 and GPU-only; FSDP2 runs on gloo too.
+            return sharding.load_sharded(directory, self.device, dtype=dtype, attn_implementation=attn,
+                                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+        model = EnsemblePRM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
+        if cfg.model.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
 
     @contextlib.contextmanager
     def timed(self, phase: str):

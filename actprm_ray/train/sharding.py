@@ -11,6 +11,9 @@ regulariser (loss.py) reads them by name outside the model's forward: a sharded 
 there, or an unsharded view whose gradient could arrive after FSDP's reduce-scatter. A reduce-scatter group also
 needs one gradient dtype, and the heads are fp32 next to a bf16 backbone.
 
+Loading (load_sharded): rank 0 reads the checkpoint; every other rank builds the model on the meta device and
+receives its shards from rank 0 after sharding, so a node with 8 ranks holds one whole copy of a 7B model, not 8.
+
 Everything here also takes a DDP (or single-process) model, where it does the plain thing, so the training loop
 has one code path: `reduce_replicated_grads` (no-op), `clip_grad_norm` (the usual global norm), `gather_state`
 (rank 0's own state dict), `local_optimizer_state` / `load_local_optimizer_state` (the optimizer's own).
@@ -36,13 +39,41 @@ def shard(model: EnsemblePRM, device: torch.device) -> EnsemblePRM:
 
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the mesh (and NCCL) use the current device
-    model.to(device)  # whole model first: ignored (replicated) params are not moved by fully_shard
+    if not any(p.is_meta for p in model.parameters()):  # a skeleton is materialised after sharding (load_sharded)
+        model.to(device)  # whole model first: ignored (replicated) params are not moved by fully_shard
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layer_classes = set(getattr(model.backbone, "_no_split_modules", None) or ())
     for module in model.backbone.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh, ignored_params=set(model.heads.parameters()))
+    return model
+
+
+def load_sharded(directory, device: torch.device, *, dtype: torch.dtype, attn_implementation: str | None,
+                 gradient_checkpointing: bool) -> EnsemblePRM:
+    """The sharded model of checkpoint `directory`, read by rank 0 alone: the other ranks build a skeleton on the
+    meta device (EnsemblePRM.skeleton), every rank shards, and rank 0 sends each rank its shards (and the replicated
+    heads and anchors). A rank never holds the whole model unless it is rank 0: with a 7B backbone and 8 ranks on
+    a node that is 7 copies (~200 GB of fp32) the node's memory does not have to hold. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if _rank() == 0:
+        model = EnsemblePRM.from_pretrained(directory, **kwargs)
+        full = model.state_dict()  # keeps the whole tensors alive through sharding, for the broadcast
+    else:
+        model, full = EnsemblePRM.skeleton(directory, **kwargs), {}
+    if gradient_checkpointing:  # non-reentrant: the variant FSDP2's re-gather in backward needs
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    computed = {name: b for name, b in model.named_buffers() if not b.is_meta}  # not in the state dict (rotary)
+    shard(model, device)
+    model.to_empty(device=device)  # every rank alike: rank 0's values come back with the broadcast
+    for name, buf in computed.items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, buf.to(device), persistent=leaf not in
+                                                   model.get_submodule(owner)._non_persistent_buffers_set)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
