@@ -2,7 +2,9 @@
 
 OmegaConf's structured mode rejects unknown keys and wrong types and names the key; `validate` then checks
 the semantic rules and reports every problem at once. Each field's comment is its help text (the config
-reference in docs/CONFIG.md is generated from them by scripts/gen_config_doc.py).
+reference in docs/CONFIG.md is generated from them by scripts/gen_config_doc.py). OmegaConf is imported where it
+is used: the dataclasses alone (what model/ reads its defaults from) need nothing beyond the standard library, so
+the GPU benchmark (benchmarks/gpu_scoring.py) runs where only torch and transformers are installed.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 # The schema imports nothing else from the package (only the pure step-format constants), so every package may
 # import it without a cycle; the names below are owned here and read by the code that implements them.
@@ -426,6 +426,8 @@ def _generate_errors(g: GenerateConfig) -> list[str]:
 
 def validate(cfg: Config) -> Config:
     """Semantic checks OmegaConf cannot express; every problem is reported in one ConfigError."""
+    from omegaconf import OmegaConf
+
     errors = []
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
@@ -493,6 +495,9 @@ def validate(cfg: Config) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotlist overrides (`selection.delta_pred=0.9`), validated, as a Config object."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     schema = OmegaConf.structured(Config)
     try:
         layers = [schema]
@@ -517,10 +522,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "default.yaml"
 
 
 def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: Config) -> dict:
+    from omegaconf import OmegaConf
+
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
