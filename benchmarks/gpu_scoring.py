@@ -8,6 +8,9 @@ Compares, on the same rows (lengths uniform in 600..1,500 tokens, ~5-12 steps ea
                  gathered at the step separators before the heads
     ours_compiled  (opt-in, --variants) the same with torch.compile(backbone, dynamic=True): fused norms and
                  activations; compile time is reported apart (warm-up), not in the timed passes
+    ours_packed_fa2[_compiled]  (opt-in) rows packed end to end into lines of batch x max_len tokens
+                 (pipeline.score_pack_tokens) with flash-attention-2's varlen kernels: no padding at all. Needs a
+                 GPU and the flash-attn package; skipped with the reason otherwise
 and reports rows/s, tokens/s (real tokens, padding excluded) and MFU = 2 * N * tokens / time / peak, with N the
 backbone's parameters minus the embedding table (a lookup does no multiply-adds) plus the heads, and peak the H100's
 989 TFLOP/s dense bf16. Also checks that every variant gives the same µ.
@@ -135,6 +138,24 @@ def score_ours(model: EnsemblePRM, rows: list[dict], batch_size: int, device: st
     return [r["step_mean"] for r in score_encoded(model, rows, batch_size=batch_size, device=device)]
 
 
+def score_packed(model: EnsemblePRM, rows: list[dict], batch_size: int, device: str) -> list[list[float]]:
+    """score_encoded with packing: lines of up to batch_size x the longest row's tokens."""
+    line = batch_size * max(len(r["input_ids"]) for r in rows)
+    return [r["step_mean"] for r in score_encoded(model, rows, batch_size=batch_size, device=device, pack_tokens=line)]
+
+
+def skip_reason(name: str, device: str) -> str | None:
+    """Why a variant cannot run here (None: it can)."""
+    if "packed_fa2" in name:
+        import importlib.util
+
+        if device != "cuda":
+            return "flash-attention-2 needs a GPU"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash-attn package is not installed"
+    return None
+
+
 def padded_tokens(rows: list[dict], batch_size: int, order: list[int]) -> int:
     """Tokens the forward passes process, padding included, when rows are batched in `order`."""
     total = 0
@@ -165,10 +186,11 @@ def _sync(device: str) -> None:
 
 def run_variant(name: str, model, rows, batch_sizes, device, repeats: int) -> tuple[dict, list]:
     """Warm up on two batches, then time `repeats` full passes; on OOM fall back to the next batch size."""
-    _set_attention(model.backbone, "eager" if name == "plain_eager" else "sdpa")
-    fn = score_ours if name.startswith("ours") else score_plain
+    _set_attention(model.backbone, "eager" if name == "plain_eager" else
+                   "flash_attention_2" if "packed_fa2" in name else "sdpa")
+    fn = score_packed if "packed" in name else score_ours if name.startswith("ours") else score_plain
     eager_backbone = model.backbone
-    if name == "ours_compiled":
+    if name.endswith("_compiled"):
         model.backbone = torch.compile(eager_backbone, dynamic=True)
     try:
         return _timed(name, fn, model, rows, batch_sizes, device, repeats)
@@ -242,13 +264,20 @@ def main(argv: list[str] | None = None) -> dict:
                                      Path(__file__).resolve().parent / "results") / "gpu_scoring.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     results, mus = [], {}
+    skipped = {}
     for name in a.variants.split(","):
+        if skip_reason(name, device):
+            skipped[name] = skip_reason(name, device)
+            print(f"[b3] {name}: skipped ({skipped[name]})", flush=True)
+            continue
         r, mus[name] = run_variant(name, model, rows, batch_sizes, device, a.repeats)
-        # The padding of the batches each variant ran: score_encoded's length order, or the input order.
+        # The padding of the batches each variant ran: score_encoded's length order, or the input order; packed
+        # lines have none.
         order = (length_order([len(row["input_ids"]) for row in rows]) if name.startswith("ours")
                  else list(range(len(rows))))
+        padded = tokens if "packed" in name else padded_tokens(rows, r["batch_size"], order)
         r.update(rows_per_s=rows_n / r["wall_s"], tokens_per_s=tokens / r["wall_s"],
-                 padding_fraction=1 - tokens / padded_tokens(rows, r["batch_size"], order),
+                 padding_fraction=1 - tokens / padded,
                  tflops=flops / r["wall_s"] / 1e12, mfu=flops / r["wall_s"] / PEAK_BF16_FLOPS)
         results.append(r)
         print(f"[b3] {name}: {r['wall_s']:.2f}s at batch {r['batch_size']} (warm-up {r['warmup_s']:.1f}s)", flush=True)
@@ -263,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(dtype).replace("torch.", ""), "shape": shape, "n_heads": n_heads,
         "params_backbone": n_total, "params_flops": n_flops, "rows": rows_n, "tokens": tokens,
         "len_range": [min_len, max_len], "build_s": build_s, "peak_flops": PEAK_BF16_FLOPS,
-        "matmul_8192_tflops": ceiling, "variants": results,
+        "matmul_8192_tflops": ceiling, "variants": results, "skipped": skipped,
         "speedup_ours_vs_plain_eager": (by["plain_eager"]["wall_s"] / by["ours"]["wall_s"]
                                         if {"ours", "plain_eager"} <= set(by) else None),
         "speedup_ours_vs_plain_sdpa": (by["plain_sdpa"]["wall_s"] / by["ours"]["wall_s"]

@@ -106,3 +106,20 @@ def test_loop_speed_dry_run(tmp_path):
     assert 0 < ray_run["steady_s"] < ray_run["wall_s"] and ray_run["startup_s"] > 0
     assert rep["ratio_rows_per_s"] == pytest.approx(ray_run["rows_per_s"] / plain["rows_per_s"])
     assert plain["optimizer_steps"] == plain["labels"] // 8  # full micro-batches of labelled rows
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """The prepared GPU script end to end at toy size on CPU: B3's variants (flash-attention-2 ones skipped with the
+    reason), then the one-GPU loop profile through the dry run (plan and memory estimates; nothing started)."""
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--dry_run"], capture_output=True,
+                       env={**ENV, "OUT": str(tmp_path), "PYTHON": sys.executable}, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    suite = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert suite["b3"]["rc"] == 0 and suite["loop"]["rc"] == 0 and suite["loop"]["skipped"] is None
+    b3 = suite["b3"]["result"]
+    assert [v["variant"] for v in b3["variants"]] == ["plain_eager", "ours", "ours_compiled"]
+    assert b3["skipped"] == {"ours_packed_fa2": "flash-attention-2 needs a GPU",
+                             "ours_packed_fa2_compiled": "flash-attention-2 needs a GPU"}
+    assert "dry run OK: every GPU role fits" in (tmp_path / "gpu_loop.log").read_text()
+    assert "trainer 0.3 + scorers 0.2 (min 0.2) + labelers 0.4 (min 0.4) = 0.9 of 1" in r.stdout + (
+        tmp_path / "gpu_loop.log").read_text()

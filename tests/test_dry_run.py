@@ -187,3 +187,27 @@ def test_activation_formula_matches_the_bytes_autograd_saves(dtype, checkpointin
     assert abs(measured - expected) / expected < 0.02, (measured, expected)  # measured: within 0.6%
     # And the estimate is that plus the backward working set: never below what autograd keeps.
     assert mem.train_activation_bytes(arch, e, b * s, s, checkpointing=checkpointing, attn="sdpa") > measured
+
+
+# benchmarks/gpu_suite.sh's loop: trainer, scorer and a TP-1 vLLM judge share one 80 GiB card through fractional GPUs.
+ONE_GPU = ["model.dtype=bfloat16", "train.use_gpu=true", "train.gpus_per_worker=0.3", "pipeline.score_num_gpus=0.2",
+           "pipeline.label_num_gpus=0.4", "labeler.judge.dtype=bfloat16", "cluster.num_gpus=1",
+           "cluster.gpu_memory_gb=80"]
+
+
+def test_one_gpu_shared_by_trainer_scorer_and_judge(capsys):
+    from actprm_ray.drivers.dry_run import dry_run
+
+    real_small = REPO / "conf" / "real_small.yaml"
+    fits = load_config(real_small, [*ONE_GPU, "labeler.judge.gpu_memory_utilization=0.35"])
+    printed = io.StringIO()
+    assert dry_run(fits, str(real_small), out=printed) == 0, printed.getvalue()
+    # vLLM reserves its utilization of the whole card: 0.5 x 80 = 40 GiB does not fit the judge's 0.4 share (32 GiB).
+    too_big = load_config(real_small, [*ONE_GPU, "labeler.judge.gpu_memory_utilization=0.5"])
+    printed = io.StringIO()
+    assert dry_run(too_big, str(real_small), out=printed) == 1
+    assert "40.00   gpu_memory_utilization 0.5 x 80.0 GiB" in printed.getvalue()
+    assert "GPU memory                              32.00   DOES NOT FIT" in printed.getvalue()
+    verdict = capsys.readouterr().err
+    assert "needs ~40.0 GiB per GPU, the GPU has 32" in verdict
+    assert "lower labeler.judge.gpu_memory_utilization to <= 0.4" in verdict

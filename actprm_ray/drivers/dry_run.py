@@ -52,14 +52,17 @@ def judge_estimate(cfg: Config, arch: mem.Arch | None) -> Estimate:
     parts, notes, problems = mem.judge_estimate(arch, dtype=j.dtype, tp=j.tensor_parallel_size,
                                                 max_model_len=j.max_model_len, utilization=j.gpu_memory_utilization,
                                                 gpu_gib=cfg.cluster.gpu_memory_gb)
-    if p.label_num_gpus < j.tensor_parallel_size:
+    if j.tensor_parallel_size > 1 and p.label_num_gpus < j.tensor_parallel_size:
         problems.append(f"each labeler actor holds pipeline.label_num_gpus={p.label_num_gpus:g} GPUs but its engine "
                         f"needs labeler.judge.tensor_parallel_size={j.tensor_parallel_size}")
     if not 0 < j.gpu_memory_utilization <= 1:
         problems.append(f"labeler.judge.gpu_memory_utilization={j.gpu_memory_utilization} must lie in (0, 1]")
     where = (f"{p.label_actors} engines x TP {j.tensor_parallel_size} ({arch.name if arch else j.model}, "
              f"max_model_len {j.max_model_len or (arch.max_positions if arch else '?')})")
-    return Estimate("judge", where, parts, budget_gib=cfg.cluster.gpu_memory_gb, notes=notes,
+    # One engine on a share of a GPU (label_num_gpus < 1, TP 1: the judge beside the trainer and scorer on one
+    # card) must keep its reservation (gpu_memory_utilization of the whole card) inside that share.
+    share = min(1.0, p.label_num_gpus) if j.tensor_parallel_size == 1 and p.label_num_gpus > 0 else 1.0
+    return Estimate("judge", where, parts, budget_gib=cfg.cluster.gpu_memory_gb * share, notes=notes,
                     extra_problems=problems, vllm=True)
 
 
@@ -178,7 +181,11 @@ def estimate(cfg: Config) -> tuple[list[Estimate], dict, list[str]]:
             archs["judge"] = judge_arch = None
         judge = judge_estimate(cfg, judge_arch)
         if judge.fits is False:
-            judge.advice = JUDGE_ADVICE
+            j, share = cfg.labeler.judge, cfg.pipeline.label_num_gpus
+            shared = j.tensor_parallel_size == 1 and 0 < share < 1
+            judge.advice = (f"To fit beside the other roles on one GPU, lower labeler.judge.gpu_memory_utilization "
+                            f"to <= {share:g} (vLLM takes that share of the whole card) or raise "
+                            f"pipeline.label_num_gpus" if shared else JUDGE_ADVICE)
         estimates.append(judge)
     return estimates, archs, problems
 
