@@ -249,7 +249,7 @@ class Worker:
         result = micro_step(self.model, self.core, rows, self.cfg, self.device, loss_scale=1 / self.cfg.train.grad_accum)
         self.last_loss = result.loss
         self.state["empty_steps"] += int(result.empty_selection)
-        for r, selected in zip(rows, result.selected):
+        for r, selected, pseudo_correct in zip(rows, result.selected, result.pseudo_label_correct):
             if r.get("_dummy"):
                 continue
             lag = self.state["version"] - int(r.get("model_version", self.state["version"]))
@@ -259,7 +259,8 @@ class Worker:
                 self.record(r, oc.TRAINED)
                 self.state["rows_trained"] += 1
             else:
-                self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)")
+                self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)",
+                            pseudo_label_correct=pseudo_correct)
 
 
 def oracle_agrees(row: dict) -> int:

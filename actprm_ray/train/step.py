@@ -17,7 +17,7 @@ from actprm_ray.config import Config, TrainConfig
 from actprm_ray.data.collate import collate_encoded
 from actprm_ray.loss import actprm_loss
 from actprm_ray.model.ensemble_prm import EnsemblePRM, mean_and_std
-from actprm_ray.select import is_uncertain
+from actprm_ray.select import is_uncertain, pseudo_labels
 from actprm_ray.train.sharding import clip_grad_norm, reduce_replicated_grads
 
 
@@ -61,6 +61,9 @@ class MicroStep:
     loss: float
     selected: list[bool]  # per row: trained on (False for dummies and, inline, for rows trusted by the ensemble)
     empty_selection: bool
+    # Inline selection's trusted rows: their pseudo-label against the oracle's (1/0), as the scorer's trusted rows
+    # get; -1 for every other row.
+    pseudo_label_correct: list[int] | None = None
 
 
 def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg: Config,
@@ -80,6 +83,7 @@ def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg:
     model.train()
     logits = model(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
     selected = torch.ones(len(rows), dtype=torch.bool, device=device)
+    pseudo_correct = [-1] * len(rows)
     if sel.inline:
         with torch.no_grad():
             mu, sigma = mean_and_std(logits.detach(), core.config.unbiased_std)
@@ -91,6 +95,8 @@ def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg:
             uncertain = is_uncertain(m, s, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
                                      step_threshold=sel.step_threshold)
             selected[b] = uncertain if sel.mode == "active" else sel.mode == "all"
+            if not selected[b]:
+                pseudo_correct[b] = int(pseudo_labels(m, sel.step_threshold) == batch_rows[b]["labels"])
     keep = None
     if cfg.loss.p_keep < 1.0:
         keep = torch.rand(logits.shape[0], len(rows), device=device) < cfg.loss.p_keep
@@ -98,7 +104,7 @@ def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg:
         logits, batch["labels"], step_row, selected, dict(core.heads.named_parameters()), core.anchors(),
         lam=cfg.loss.reg_lambda, normalization=cfg.loss.bce, regularizer=cfg.loss.regularizer, keep=keep)
     (loss * loss_scale).backward()
-    return MicroStep(float(loss.detach()), selected.tolist(), bool(stats["empty_selection"]))
+    return MicroStep(float(loss.detach()), selected.tolist(), bool(stats["empty_selection"]), pseudo_correct)
 
 
 def optimizer_step(model: torch.nn.Module, optimizer, scheduler, grad_clip: float) -> float:

@@ -1,0 +1,43 @@
+"""train/step.micro_step with inline selection (Ray-free): the rows it trusts carry their pseudo-label checked
+against the oracle's, as the scorer's trusted rows do."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from actprm_ray.config import load_config
+from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
+from actprm_ray.data.synthetic import generate_pool
+from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig
+from actprm_ray.pipeline.stages import CanonicalizeStage
+from actprm_ray.select import pseudo_labels
+from actprm_ray.train.step import inline_labels, micro_step
+
+
+def test_inline_trusted_rows_carry_their_pseudo_label_check(tiny_backbone_dir, tmp_path):
+    init = EnsemblePRM.from_backbone(tiny_backbone_dir, PRMConfig(n_heads=4, init_seed=0)).save_pretrained(
+        tmp_path / "init")
+    model = EnsemblePRM.from_pretrained(init)
+    pool = generate_pool(8, seed=1)
+    batch = CanonicalizeStage(str(init), sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=512)(
+        {k: np.asarray([r[k] for r in pool], dtype=object) for k in ("id", "question", "steps", "first_error_step")})
+    rows = [{k: batch[k][i] for k in batch} for i in range(len(pool))]
+    # δ_pred 0.5 and δ_std inf switch both tests off: every row is trusted, none trained.
+    cfg = load_config(None, ["selection.inline=true", "selection.delta_pred=0.5", "selection.delta_std=.inf"])
+    result = micro_step(model, model, rows, cfg)
+    assert result.selected == [False] * len(rows)
+    # The expected checks, from µ scored apart (the heads' µ does not depend on the batch in fp32, to rounding).
+    with torch.no_grad():
+        from actprm_ray.model.scoring import score_encoded
+
+        scores = score_encoded(model, rows, batch_size=1)
+    expected = [int(pseudo_labels(s["step_mean"]) == inline_labels(int(r["oracle_first_error_step"]),
+                                                                 len(s["step_mean"])))
+                for s, r in zip(scores, rows)]
+    assert result.pseudo_label_correct == expected
+    assert set(expected) == {0, 1}  # both kinds occur, so the comparison means something
+
+    trained = micro_step(model, model, rows, load_config(None, ["selection.inline=true", "selection.delta_pred=0.99",
+                                                                "selection.delta_std=0.0"]))
+    assert trained.selected == [True] * len(rows) and trained.pseudo_label_correct == [-1] * len(rows)
