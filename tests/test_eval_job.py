@@ -245,7 +245,7 @@ def test_job_first_error_format_with_qwen_prm(ckpts, tmp_path):
     (["eval.benchmarks=[processbench,prmbench]", "eval.data=x"], r"eval\.data applies to one benchmark"),
     (["eval.benchmarks=[processbench,mmlu]"], r"eval\.benchmarks: 'mmlu' is not a benchmark"),
     (["eval.chekpoint=x"], r"eval\.chekpoint"),  # an unknown key is named
-    (["--checkpoint", "x"], r"a\.b=c"),  # the old flags are refused, not ignored
+    (["checkpoint"], r"a\.b=c"),  # an override must look like a.b=c
 ])
 def test_job_rejects_bad_arguments(tmp_path, overrides, message):
     from actprm_ray.config import ConfigError
@@ -253,6 +253,14 @@ def test_job_rejects_bad_arguments(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         _run_job(tmp_path, *overrides)
     assert not (tmp_path / "config.yaml").exists()  # refused before anything is written
+
+
+def test_job_refuses_the_old_flags(tmp_path, capsys):
+    """The evaluate job's pre-config-tree flags are refused with a usage error, not ignored."""
+    with pytest.raises(SystemExit) as e:
+        _run_job(tmp_path, "--checkpoint", "x")
+    assert e.value.code == 2 and "unknown flags: --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def test_smoke_run_defaults(monkeypatch, tmp_path):
