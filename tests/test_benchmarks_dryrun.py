@@ -108,6 +108,7 @@ def test_loop_speed_dry_run(tmp_path):
     assert plain["optimizer_steps"] == plain["labels"] // 8  # full micro-batches of labelled rows
 
 
+@pytest.mark.extended  # CI budget (~60 s); B3's dry run and the one-GPU profile's dry run run in CI on their own
 def test_gpu_suite_dry_run(tmp_path):
     """The prepared GPU script end to end at toy size on CPU: B3's variants (flash-attention-2 ones skipped with the
     reason), then the one-GPU loop profile through the dry run (plan and memory estimates; nothing started)."""
