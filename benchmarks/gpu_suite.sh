@@ -2,7 +2,7 @@
 # The one prepared GPU check (issue 16): run it whenever a GPU machine is lent (one H100/H200, <= 8 minutes).
 #
 #     bash benchmarks/gpu_suite.sh            # from the repository root; results in $OUT (default runs/gpu_suite)
-#     bash benchmarks/gpu_suite.sh --dry_run  # CPU: the same steps at toy size (tests/test_benchmarks_dryrun.py)
+#     bash benchmarks/gpu_suite.sh --dry_run  # CPU: the same steps at toy size (tests/test_benchmarks_dryrun.py, extended)
 #
 #  1. B3, scoring on one GPU (benchmarks/gpu_scoring.py, a Qwen2.5-7B-shaped backbone, random weights): plain
 #     loops, our scorer, our scorer compiled, and rows packed for flash-attention-2 (compiled and not; skipped
