@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     results, mus = [], {}
     skipped = {}
     for name in a.variants.split(","):
-        if skip_reason(name, device):
-            skipped[name] = skip_reason(name, device)
+        if why := skip_reason(name, device):
+            skipped[name] = why
             print(f"[b3] {name}: skipped ({skipped[name]})", flush=True)
             continue
         r, mus[name] = run_variant(name, model, rows, batch_sizes, device, a.repeats)

@@ -164,7 +164,7 @@ def test_activation_formula_matches_the_bytes_autograd_saves(dtype, checkpointin
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
     model = _real_prm(config, getattr(torch, dtype)).train()
     if checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_gradient_checkpointing()
     arch = mem.Arch(name="t", source="test", hidden=128, intermediate=384, layers=3, heads=4, kv_heads=2, head_dim=32,
                     vocab=512, max_positions=0, params_backbone=0, params_layer=0, params_causal_lm=0)
     b, s = 4, 128

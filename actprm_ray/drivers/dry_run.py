@@ -59,11 +59,16 @@ def judge_estimate(cfg: Config, arch: mem.Arch | None) -> Estimate:
         problems.append(f"labeler.judge.gpu_memory_utilization={j.gpu_memory_utilization} must lie in (0, 1]")
     where = (f"{p.label_actors} engines x TP {j.tensor_parallel_size} ({arch.name if arch else j.model}, "
              f"max_model_len {j.max_model_len or (arch.max_positions if arch else '?')})")
-    # One engine on a share of a GPU (label_num_gpus < 1, TP 1: the judge beside the trainer and scorer on one
-    # card) must keep its reservation (gpu_memory_utilization of the whole card) inside that share.
-    share = min(1.0, p.label_num_gpus) if j.tensor_parallel_size == 1 and p.label_num_gpus > 0 else 1.0
-    return Estimate("judge", where, parts, budget_gib=cfg.cluster.gpu_memory_gb * share, notes=notes,
+    return Estimate("judge", where, parts, budget_gib=cfg.cluster.gpu_memory_gb * judge_gpu_share(cfg), notes=notes,
                     extra_problems=problems, vllm=True)
+
+
+def judge_gpu_share(cfg: Config) -> float:
+    """The share of one GPU a judge engine may fill: pipeline.label_num_gpus for a TP-1 engine on a fraction of a
+    card (the judge beside the trainer and scorer), else the whole card. vLLM's reservation (gpu_memory_utilization
+    of the whole card) must stay inside it."""
+    j, p = cfg.labeler.judge, cfg.pipeline
+    return min(1.0, p.label_num_gpus) if j.tensor_parallel_size == 1 and p.label_num_gpus > 0 else 1.0
 
 
 def _smaller(value: int) -> list[int]:
@@ -181,11 +186,10 @@ def estimate(cfg: Config) -> tuple[list[Estimate], dict, list[str]]:
             archs["judge"] = judge_arch = None
         judge = judge_estimate(cfg, judge_arch)
         if judge.fits is False:
-            j, share = cfg.labeler.judge, cfg.pipeline.label_num_gpus
-            shared = j.tensor_parallel_size == 1 and 0 < share < 1
+            share = judge_gpu_share(cfg)
             judge.advice = (f"To fit beside the other roles on one GPU, lower labeler.judge.gpu_memory_utilization "
                             f"to <= {share:g} (vLLM takes that share of the whole card) or raise "
-                            f"pipeline.label_num_gpus" if shared else JUDGE_ADVICE)
+                            f"pipeline.label_num_gpus" if share < 1 else JUDGE_ADVICE)
         estimates.append(judge)
     return estimates, archs, problems
 

@@ -183,6 +183,11 @@ class EnsemblePRM(nn.Module):
         model.reset_heads()
         return model
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the backbone's activations in backward; non-reentrant, the variant FSDP2's re-gather needs.
+        Call before sharding."""
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def reset_heads(self) -> None:
         self.heads.float()
         self.heads.reset_parameters(self.config.init_seed, self.config.init)

@@ -96,7 +96,7 @@ class Worker:
                                          gradient_checkpointing=cfg.model.gradient_checkpointing)
         model = EnsemblePRM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
         if cfg.model.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_gradient_checkpointing()
         return ray.train.torch.prepare_model(model, parallel_strategy=cfg.train.parallel_strategy)
 
     @contextlib.contextmanager

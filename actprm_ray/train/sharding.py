@@ -32,7 +32,7 @@ from actprm_ray.model.ensemble_prm import EnsemblePRM
 def shard(model: EnsemblePRM, device: torch.device) -> EnsemblePRM:
     """FSDP2 over the default process group: one group per decoder layer, the rest in the root; heads replicated.
 
-    Returns the same object (fully_shard changes its class in place); call after gradient_checkpointing_enable.
+    Returns the same object (fully_shard changes its class in place); call after enable_gradient_checkpointing.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -64,15 +64,15 @@ def load_sharded(directory, device: torch.device, *, dtype: torch.dtype, attn_im
         full = model.state_dict()  # keeps the whole tensors alive through sharding, for the broadcast
     else:
         model, full = EnsemblePRM.skeleton(directory, **kwargs), {}
-    if gradient_checkpointing:  # non-reentrant: the variant FSDP2's re-gather in backward needs
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     computed = {name: b for name, b in model.named_buffers() if not b.is_meta}  # not in the state dict (rotary)
     shard(model, device)
     model.to_empty(device=device)  # every rank alike: rank 0's values come back with the broadcast
-    for name, buf in computed.items():
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner).register_buffer(leaf, buf.to(device), persistent=leaf not in
-                                                   model.get_submodule(owner)._non_persistent_buffers_set)
+    emptied = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, buf in computed.items():
+            emptied[name].copy_(buf)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
