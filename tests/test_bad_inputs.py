@@ -6,7 +6,6 @@ evaluate (in-process).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import asdict
@@ -26,6 +25,7 @@ from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT
 from actprm_ray.eval.samples import EvalDataError
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.pipeline.stages import CanonicalizeStage
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TOO_LONG_REASON = rf"^no step separator survives truncation to {MAX_LENGTH} tokens$"
@@ -262,9 +262,7 @@ def test_evaluate_reports_every_bad_processbench_row(tmp_path):
     data = tmp_path / "processbench"
     kinds = write_processbench_corpus(data)
     out = tmp_path / "eval"
-    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/evaluate.py")
     assert job.main(["eval.checkpoint=tiny", "eval.benchmarks=[processbench]", f"eval.data={data}", f"eval.out={out}",
                      "pipeline.score_batch_size=4"]) == 0
     m = json.loads((out / "metrics.json").read_text())["benchmarks"]["processbench"]

@@ -5,10 +5,8 @@ only by reference; manifests valid against offline schemas; docs/CONFIG.md curre
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shlex
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +17,7 @@ from omegaconf import OmegaConf
 
 from actprm_ray.config import Config, load_config
 from actprm_ray.pipeline.ray_env import RAY_ENV_DEFAULTS
+from script_loader import load_script
 
 try:
     import tomllib
@@ -116,18 +115,8 @@ def _overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if "=" in a and not a.startswith("-")]
 
 
-def _load_file(name: str, path: Path):
-    """Import a script (jobs/ and scripts/ are not packages); registered first, as dataclasses need."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # scripts only define things at import time (main is guarded)
-    return sys.modules[name]
-
-
 def _job_module(name: str):
-    return _load_file(f"deploy_check_jobs_{name}", REPO / "jobs" / f"{name}.py")
+    return load_script(f"jobs/{name}.py")
 
 
 def _rayjob(name: str) -> dict:
@@ -568,7 +557,7 @@ def test_cluster_launcher_file_validates_against_rays_schema():
 
 # -- docs ------------------------------------------------------------------------------------------------------------
 def _gen_config_doc():
-    return _load_file("deploy_check_gen_config_doc", REPO / "scripts" / "gen_config_doc.py")
+    return load_script("scripts/gen_config_doc.py")
 
 
 def test_config_reference_is_current():

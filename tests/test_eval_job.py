@@ -12,6 +12,7 @@ from actprm_ray.data.step_format import DEFAULT_SYSTEM_PROMPT, encode_trajectory
 from actprm_ray.eval import metrics as M
 from actprm_ray.eval.qwen_prm import HEAD_KEYS, QwenPRM, build_tiny_qwen_prm, is_qwen_prm_checkpoint
 from actprm_ray.eval.scorers import build_local_scorer, build_tiny_checkpoint, checkpoint_kind
+from script_loader import load_script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -162,12 +163,7 @@ def test_qwen_prm_missing_head_is_a_clear_error(tmp_path):
 
 
 def _job():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_job", REPO / "jobs" / "evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
+    return load_script("jobs/evaluate.py")
 
 
 def _run_job(out: Path, *overrides: str) -> dict:

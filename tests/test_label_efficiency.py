@@ -6,26 +6,13 @@ are finite, and the budgets / labels-used are monotone.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("label_efficiency", ROOT / "benchmarks" / "label_efficiency.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["label_efficiency"] = mod  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-le = _module()
+le = load_script("benchmarks/label_efficiency.py")
 
 POINTS = [{"labels": 0, "f1": 0.1}, {"labels": 40, "f1": 0.5}, {"labels": 80, "f1": 0.4}, {"labels": 120, "f1": 0.7}]
 

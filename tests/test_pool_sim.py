@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("pool_sim", ROOT / "benchmarks" / "pool_sim.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["pool_sim"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ps = _module()
+ps = load_script("benchmarks/pool_sim.py")
 
 
 def test_t_interval_uses_the_student_t_quantile():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import yaml
 from actprm_ray.config import DEFAULT_CONFIG, load_config
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.drivers.run import Run, job_parser, parse_job_args
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,10 +60,7 @@ def _train(argv):
 
 def _job_file(name: str):
     """A jobs/*.py module, loaded by path (jobs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"test_run_jobs_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"jobs/{name}.py")
 
 
 def _active(argv):
