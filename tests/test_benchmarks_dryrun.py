@@ -94,6 +94,7 @@ def test_worker_churn_dry_run_keep_alive_reuses_workers(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.extended  # CI budget (~100 s: two loops and a Ray start); the streaming loop itself is in CI (test_active_loop)
 def test_loop_speed_dry_run(tmp_path):
     """B5's harness: both loops over the same 64 rows, the streaming clock started and stopped by the watcher."""
     out = tmp_path / "b5.json"
