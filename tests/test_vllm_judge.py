@@ -23,6 +23,7 @@ from actprm_ray.label.base import NO_LABEL, LocalBudget  # noqa: E402
 from actprm_ray.label.cache import LabelCache  # noqa: E402
 from actprm_ray.label.judge import JudgeConfig  # noqa: E402
 from actprm_ray.label.vllm_judge import VLLMJudgeLabeler  # noqa: E402
+from actprm_ray.pipeline.stages import LabelStage  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -60,6 +61,13 @@ def with_config(engine_labeler, **kw) -> VLLMJudgeLabeler:
     cfg_kw = {k: v for k, v in kw.items() if k not in ("budget", "cache")}
     return VLLMJudgeLabeler(tiny_config(engine_labeler.config.model, **cfg_kw), budget=kw.get("budget"),
                             cache=kw.get("cache"), engine=engine_labeler.llm)
+
+
+def test_the_cpu_engine_runs_in_the_labelers_own_process(engine_labeler):
+    # No EngineCore or worker process to spawn (each re-imports vLLM and torch): ~26 s off every engine start.
+    core = engine_labeler.llm.llm_engine.engine_core
+    assert type(core).__name__ == "InprocClient"
+    assert type(core.engine_core.model_executor).__name__ == "UniProcExecutor"
 
 
 def test_guided_labels_every_selected_row(engine_labeler):
@@ -132,8 +140,13 @@ def test_a_batch_larger_than_one_prefill_budget(engine_labeler):
 
 
 @pytest.mark.extended  # a second engine start, ~80 s: CI budget (issue: slowest fault tests may leave CI)
-def test_an_engine_that_dies_mid_batch_is_rebuilt_and_no_row_is_paid_twice(tiny_backbone_dir):
-    """The engine's own processes die after the batch's cache lookup and label reservation."""
+def test_an_engine_that_dies_mid_batch_is_rebuilt_and_no_row_is_paid_twice(tiny_backbone_dir, monkeypatch):
+    """The engine's own processes die after the batch's cache lookup and label reservation (a GPU engine's
+    layout: on CPU the engine runs in-process unless VLLM_ENABLE_V1_MULTIPROCESSING=1 says otherwise)."""
+    import vllm.envs
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    vllm.envs.disable_envs_cache()  # an in-process engine built earlier in this process froze vLLM's env reads
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
     budget = LocalBudget()
@@ -178,8 +191,8 @@ def test_a_labeler_actor_killed_mid_batch_is_restarted_and_its_batches_rerun(tin
     config = tiny_config(tiny_backbone_dir, cache_path=str(tmp_path / "labels"))
     rows = [dict(id=f"r{i}", question=f"Ann has {i} pens and gets 2 more. How many?",
                  steps=[f"{i} + 2 = {i + 2}.", "So that is the answer."], selected=i != 5) for i in range(8)]
-    ds = ray.data.from_items(rows).map_batches(
-        DiesOnce, fn_constructor_kwargs={"config": config}, batch_size=4, batch_format="numpy",
+    ds = ray.data.from_items(rows).map_batches(  # the loop's stage (its batches leave as Arrow can hold them)
+        LabelStage, fn_constructor_kwargs={"labeler_cls": DiesOnce, "labeler_config": config}, batch_size=4, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), num_cpus=1, max_restarts=1, max_task_retries=1)
     try:
         out = sorted(ds.take_all(), key=lambda r: int(r["id"][1:]))
@@ -207,8 +220,8 @@ def test_runs_as_a_ray_data_actor_pool_stage(engine_labeler, ray_local):
     rows = [dict(id=f"r{i}", question=f"Sam has {i} apples and buys 3 more. How many?",
                  steps=[f"{i} + 3 = {i + 3}.", "So the answer is that."], selected=i % 3 != 0) for i in range(12)]
     ds = ray.data.from_items(rows).map_batches(
-        VLLMJudgeLabeler,
-        fn_constructor_kwargs={"config": engine_labeler.config},
+        LabelStage,  # the loop's stage around the labeler
+        fn_constructor_kwargs={"labeler_cls": VLLMJudgeLabeler, "labeler_config": engine_labeler.config},
         batch_size=4,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1),

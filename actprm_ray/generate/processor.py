@@ -41,6 +41,7 @@ from functools import partial
 
 from actprm_ray.config import GenerateConfig
 from actprm_ray.generate.rollouts import rollout_row, sample_seed
+from actprm_ray.label.vllm_judge import cpu_engine_env
 
 # CPU share of the pre/postprocess maps (STACK_NOTES §8): next to a 1-CPU engine on a 2-core node.
 MAP_NUM_CPUS = 0.25
@@ -79,7 +80,9 @@ def build_rollout_processor(g: GenerateConfig, model_dir: str, max_model_len: in
         placement_group_config={"bundles": [bundle] * g.tensor_parallel_size},
         concurrency=g.engines, batch_size=g.batch_size,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,  # see the module docstring
-        log_engine_metrics=False)  # True needs ray[serve]
+        log_engine_metrics=False,  # True needs ray[serve]
+        # On CPU the engine actor runs vLLM's worker in its EngineCore process (label/vllm_judge.py says why).
+        runtime_env=None if on_gpu else {"env_vars": cpu_engine_env()})
     return build_processor(
         config,
         preprocess=partial(to_request, sampling={"temperature": g.temperature, "top_p": g.top_p}, base_seed=g.seed),

