@@ -49,11 +49,9 @@ def golden_run(workdir: Path, steps: int = STEPS, overrides: list[str] | None = 
     # One thread: a multi-threaded CPU reduction may sum in a different order from run to run.
     torch.set_num_threads(1)
     cfg = load_config(DEFAULT_CONFIG, RECORDED_RECIPE + (overrides or []))
-    m, s, t = cfg.model, cfg.selection, cfg.train
+    m, t = cfg.model, cfg.train
     backbone = build_tiny_backbone(workdir / "backbone", size="tiny", seed=cfg.run.seed)
-    prm_cfg = PRMConfig(n_heads=m.n_heads, head_hidden=m.head_hidden, init_seed=m.init_seed, init=m.init, sep=m.sep,
-                        system_prompt=m.system_prompt, unbiased_std=s.unbiased_std)
-    init_dir = EnsemblePRM.from_backbone(backbone, prm_cfg).save_pretrained(workdir / "init")
+    init_dir = EnsemblePRM.from_backbone(backbone, PRMConfig.from_config(cfg)).save_pretrained(workdir / "init")
     model = EnsemblePRM.from_pretrained(init_dir, dtype=getattr(torch, m.dtype),
                                         attn_implementation=m.attn_implementation)
     optimizer, scheduler = build_optimizer(model, model, t)
