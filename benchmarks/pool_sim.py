@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -66,9 +67,10 @@ def fresh_model(backbone: str, cfg: Config) -> EnsemblePRM:
 
 
 def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list[dict]], *, eval_every: int,
-             ablation: str = "both", passes: int = 1, log=print) -> dict:
+             ablation: str = "both", passes: int = 1, replay: int = 0, log=print) -> dict:
     """Run one arm over the pool; evaluate every `eval_every` labels. passes > 1 re-trains each full labelled
-    micro-batch that many times in a row (labels, not compute, are what the experiment counts)."""
+    micro-batch that many times in a row; replay > 0 follows each new micro-batch with that many micro-batches
+    drawn from every row labelled so far (labels, not compute, are what the experiment counts)."""
     torch.manual_seed(cfg.run.seed)
     model = fresh_model(backbone, cfg)
     encoded = encode_rows(model.tokenizer, pool, cfg)
@@ -82,6 +84,8 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
                          audit_rate=sel.audit_rate, controller=controller, **thresholds)
     labels = steps = trusted = trusted_right = audited = audit_right = 0
     buffer: list[dict] = []
+    labelled: list[dict] = []  # every row labelled so far: what replay draws from
+    replay_rng = random.Random(cfg.run.seed)
     points = [{"labels": 0, "steps": 0, **{k: evaluate(model, v)["f1"] for k, v in eval_enc.items()}}]
     rates: list[dict] = []  # the label rate as the pool streams by (the controller's trace)
     next_eval, t0 = eval_every, time.time()
@@ -115,8 +119,10 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
                           "guarded": bool(controller.guarded) if controller else False})
         while len(buffer) >= t.micro_batch_size:
             rows, buffer = buffer[:t.micro_batch_size], buffer[t.micro_batch_size:]
-            for _ in range(passes):
-                micro_step(model, model, rows, cfg)
+            labelled.extend(rows)
+            replayed = [replay_rng.sample(labelled, t.micro_batch_size) for _ in range(replay)]
+            for micro_batch in [rows] * passes + replayed:
+                micro_step(model, model, micro_batch, cfg)
                 optimizer_step(model, optimizer, scheduler, t.grad_clip)
                 steps += 1
         if labels >= next_eval:
@@ -167,7 +173,7 @@ def _grid_task(task: dict) -> str:
     # The grid reports; recipe choices were made on the validation split (single runs, --split val) before it.
     evals = {"test": generate_pool(task["eval_rows"], seed=TEST_SEED, mix=mix)}
     result = simulate(cfg, task["backbone"], pool, evals, eval_every=task["eval_every"], ablation=task["ablation"],
-                      passes=task["passes"], log=lambda line: None)
+                      passes=task["passes"], replay=task["replay"], log=lambda line: None)
     result.update(arm=task["arm"], seed=task["seed"], overrides=task["overrides"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -190,7 +196,8 @@ def run_grid(args, recipe: list[str]) -> dict:
                     overrides=[f"run.seed={seed}", f"model.init_seed={seed}", f"selection.seed={seed}", *recipe,
                                *overrides, *extra],
                     backbone=args.backbone, mix=args.mix, pool_rows=args.pool_rows, eval_rows=args.eval_rows,
-                    eval_every=args.eval_every, passes=args.passes, threads=args.threads)
+                    eval_every=args.eval_every, passes=args.passes, replay=args.replay,
+                    threads=args.threads)
 
     def load(arm, seed):
         return json.loads((work / f"{arm}_s{seed}.json").read_text())
@@ -321,7 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backbone", default="", help="a pretrained backbone directory (required unless --render)")
     ap.add_argument("--mix", default="addsub")
     ap.add_argument("--ablation", default="both")
-    ap.add_argument("--passes", type=int, default=1)
+    ap.add_argument("--passes", type=int, default=1, help="train each labelled micro-batch this many times in a row")
+    ap.add_argument("--replay", type=int, default=0, help="after each labelled micro-batch, this many more drawn "
+                    "from every row labelled so far")
     ap.add_argument("--out", default="")
     ap.add_argument("--grid", action="store_true", help="run every arm x --seeds (resumable) and aggregate")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.split == "val+test":
         evals["test"] = generate_pool(args.eval_rows, seed=TEST_SEED, mix=mix)
     result = simulate(cfg, args.backbone, pool, evals, eval_every=args.eval_every, ablation=args.ablation,
-                      passes=args.passes)
+                      passes=args.passes, replay=args.replay)
     result["args"] = {**vars(args), "overrides": overrides}
     print(json.dumps({"final": result["final"], "label_rate": result["label_rate"],
                       "trusted_accuracy": result["trusted_accuracy"], "seconds": round(result["seconds"], 1)}))
