@@ -95,6 +95,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # rows per device per forward
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = workers x micro x accum)
+    # Labels, not compute, are the judge bill: replaying the labels already paid for is what took the tiny backbone
+    # off its "every step correct" plateau (docs/RESULTS.md, recipe probes round 3).
+    replay: int = 0  # after each micro-batch of new labelled rows, this many drawn from the rows trained so far (0 = each row once)
     num_workers: int = 1  # Ray Train workers
     parallel_strategy: str = "ddp"  # ddp (Ray Train's prepare_model) | fsdp (FSDP2 per decoder layer, heads replicated; shards params/grads/optimizer for 7B+; CPU or GPU)
     use_gpu: bool = False
@@ -460,6 +463,8 @@ def validate(cfg: Config) -> Config:
     for name in ("micro_batch_size", "grad_accum", "num_workers", "publish_every", "checkpoint_every"):
         if getattr(t, name) < 1:
             errors.append(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.replay < 0:
+        errors.append(f"train.replay={t.replay}: must be >= 0 (0 = every labelled row is trained once)")
     if t.use_gpu and t.gpus_per_worker <= 0:
         errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
     if cfg.labeler.kind in ("vllm", "http") and not (cfg.labeler.judge.model and cfg.labeler.judge.judge_id):

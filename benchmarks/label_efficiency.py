@@ -1,8 +1,9 @@
 """Label efficiency through the streaming loop (issue 17, METHOD §10): active vs random vs full data vs inline, on CPU.
 
-    python benchmarks/label_efficiency.py            # the headline: 10,000 rows x 5 seeds x 4 arms (~1.7 h quiet, resumable)
+    python benchmarks/label_efficiency.py            # the headline: 10,000 rows x 5 seeds x 4 arms, replay 2 (hours; resumable)
     python benchmarks/label_efficiency.py --report-only   # the outputs from the recorded runs (+ backbone build if missing)
     python benchmarks/label_efficiency.py --quick    # CI smoke run (<= 5 min): 1 seed, tiny pool, 3 arms
+    python benchmarks/label_efficiency.py --replay 0 --report-only   # the recorded sweep without replay
 
 Every arm is one streaming run (`run_active`) over the same synthetic pool with the oracle labeler, in one
 local Ray instance. Ray Train keeps only the last 2 checkpoints, so a watcher thread copies every checkpoint's
@@ -69,17 +70,21 @@ class Plan:
     budget_fracs: list[float]
     recipe: list[str] = field(default_factory=list)  # config overrides of every run: backbone, learning rates
     micro_batch: int = 8
+    replay: int = 0  # train.replay: micro-batches of already-labelled rows after each new one
 
     @property
     def checkpoint_every(self) -> int:
-        """Optimizer steps between checkpoints: one per smallest budget step (labels = steps x micro batch)."""
-        return max(1, round(self.budget_fracs[0] * self.pool_rows / self.micro_batch))
+        """Optimizer steps between checkpoints: one per smallest budget step (labels = steps x micro batch, and
+        each new micro-batch brings `replay` replayed ones)."""
+        return max(1, round(self.budget_fracs[0] * self.pool_rows / self.micro_batch * (1 + self.replay)))
 
 
-# The recipe chosen on validation pools (docs/RESULTS.md, "Recipe probes" and "Second probe round"): the
-# pretrained tiny backbone, backbone lr 3e-4, head lr 3e-3, 20 warm-up steps, then a constant LR
-# (total_steps far beyond any run). The same for every arm, so curves differ only by which rows were labelled.
+# The recipe chosen on validation pools (docs/RESULTS.md, "Recipe probes", rounds 1-3): the pretrained tiny
+# backbone, backbone lr 3e-4, head lr 3e-3, 20 warm-up steps, then a constant LR (total_steps far beyond any
+# run), and two replayed micro-batches per new one (round 3: the only setting that left the plateau on every
+# validation pool). The same for every arm, so curves differ only by which rows were labelled.
 PRETRAINED_RECIPE = ["train.lr=3e-4", "train.head_lr=3e-3", "train.warmup_steps=20", "train.total_steps=100000"]
+PRETRAINED_REPLAY = 2
 
 
 def make_plan(quick: bool) -> Plan:
@@ -99,7 +104,7 @@ def make_plan(quick: bool) -> Plan:
     inline = Arm("active_inline", [*active.overrides, "selection.inline=true"])
     return Plan(pool_rows=10_000, test_rows=300, seeds=[0, 1, 2, 3, 4], arms=[active, rand, full, inline], n_heads=8,
                 budget_fracs=[0.05 * i for i in range(1, 21)],
-                recipe=[f"model.backbone={pretrained_backbone()}", *PRETRAINED_RECIPE])
+                recipe=[f"model.backbone={pretrained_backbone()}", *PRETRAINED_RECIPE], replay=PRETRAINED_REPLAY)
 
 
 def pretrained_backbone() -> Path:
@@ -134,12 +139,13 @@ def save_record(run_dir: Path, records: Path, backbone: str | None) -> None:
         (dest / "backbone.txt").write_text(backbone + "\n")
 
 
-def restore_records(records: Path, work: Path) -> list[str]:
-    """Put recorded runs missing from `work` back (done.json + eval.json make run_arm and evaluate_run skip them)."""
+def restore_records(records: Path, work: Path, replay: int) -> list[str]:
+    """Put recorded runs missing from `work` back (done.json + eval.json make run_arm and evaluate_run skip them).
+    A record of another recipe (train.replay) is not this plan's run: it stays out."""
     restored = []
     for rec in sorted(p for p in records.glob("*_s*") if (p / "done.json").is_file() and (p / "eval.json").is_file()):
         run_dir = work / rec.name
-        if (run_dir / "done.json").is_file():
+        if (run_dir / "done.json").is_file() or json.loads((rec / "done.json").read_text()).get("replay", 0) != replay:
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a half-finished run of this session: the record is the finished one
@@ -215,15 +221,16 @@ def run_arm(plan: Plan, arm: Arm, seed: int, pool_path: Path, work: Path, extra:
         return json.loads((run_dir / "done.json").read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a half-finished run would resume with missing checkpoints: start it over
-    steps_all = math.ceil(plan.pool_rows / plan.micro_batch)
+    steps_all = math.ceil(plan.pool_rows / plan.micro_batch) * (1 + plan.replay)
     overrides = [
         f"run.name={name}", f"run.output_dir={work}", f"run.seed={seed}", f"data.pool={pool_path}",
         f"model.init_seed={seed}", f"model.n_heads={plan.n_heads}", "model.max_length=512",
-        f"selection.seed={seed}", "train.publish_every=4",
+        # Publish every 4 new micro-batches whatever the replay: the same scorer staleness, in labels, for every arm.
+        f"selection.seed={seed}", f"train.publish_every={4 * (1 + plan.replay)}",
         # One LR schedule for every arm (the full-data arm's length; the recipe may override it): at equal labels
         # every arm has seen the same learning rate, so the curves differ only by which rows were labelled.
         f"train.total_steps={steps_all}", *plan.recipe, f"train.micro_batch_size={plan.micro_batch}",
-        f"train.checkpoint_every={plan.checkpoint_every}", "pipeline.status_every_s=30",
+        f"train.replay={plan.replay}", f"train.checkpoint_every={plan.checkpoint_every}", "pipeline.status_every_s=30",
         "pipeline.no_progress_timeout_s=300",
         # Small pools of short rows fit the default 100 MB object-store budget whole: the scorer then scores the
         # entire pool with the version-0 model before the trainer's first step (measured: lag up to 62 versions,
@@ -242,7 +249,7 @@ def run_arm(plan: Plan, arm: Arm, seed: int, pool_path: Path, work: Path, extra:
     done = {"arm": arm.name, "seed": seed, "labels_used": summary["labels_used"], "label_rate": summary["label_rate"],
             "rows_read": summary["rows_read"], "wall_time_s": summary["wall_time_s"],
             "final_checkpoint": summary["checkpoint"], "random_rate": cfg.selection.random_rate,
-            "init_dir": str(run_dir / "init")}
+            "init_dir": str(run_dir / "init"), "replay": plan.replay}
     (run_dir / "done.json").write_text(json.dumps(done))
     return done
 
@@ -389,9 +396,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="*", help="override the plan's seeds")
     ap.add_argument("--arms", nargs="*", help="only these arms (random needs active)")
     ap.add_argument("--pool-rows", type=int, help="override the pool size")
-    ap.add_argument("--records", default=str(ROOT / "benchmarks" / "results" / "label_efficiency_runs"),
-                    help="finished runs' small files, restored into --work before and saved after each run, so the "
-                         "sweep resumes on a fresh machine (full plan only; '' = off)")
+    ap.add_argument("--replay", type=int, help=f"train.replay of every run (default: the plan's, {PRETRAINED_REPLAY}); "
+                    "another value names its outputs and records label_efficiency_replay<k>*")
+    ap.add_argument("--records", help="finished runs' small files, restored into --work before and saved after each "
+                    "run, so the sweep resumes on a fresh machine (full plan only; '' = off; default: "
+                    "benchmarks/results/label_efficiency_runs)")
     ap.add_argument("--report-only", action="store_true",
                     help="start no run: evaluate and report the finished runs in --work (e.g. of a cut-short sweep)")
     ap.add_argument("overrides", nargs="*", help="extra a.b=c config overrides for every run")
@@ -407,7 +416,14 @@ def main(argv: list[str] | None = None) -> dict:
         plan.pool_rows = args.pool_rows
     if args.arms:
         plan.arms = [a for a in plan.arms if a.name in args.arms]
-    work = Path(args.work) / ("quick" if args.quick else "full")
+    if args.replay is not None:
+        plan.replay = args.replay
+    # The headline recipe's outputs are label_efficiency.*; another replay's (e.g. the recorded replay-0 sweep)
+    # label_efficiency_replay<k>.*, with its records beside them.
+    stem = "label_efficiency" + ("" if args.quick or plan.replay == PRETRAINED_REPLAY else f"_replay{plan.replay}")
+    if args.records is None:
+        args.records = str(ROOT / "benchmarks" / "results" / f"{stem}_runs")
+    work = Path(args.work) / ("quick" if args.quick else f"full_replay{plan.replay}")  # a recipe per folder
     out = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -416,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     records = Path(args.records) if args.records and not args.quick else None
     backbone = None if args.quick else backbone_fingerprint(pretrained_backbone())
     if records:
-        restored = restore_records(records, work)
+        restored = restore_records(records, work, plan.replay)
         if restored:
             print(f"[label_efficiency] restored {len(restored)} finished run(s) from {records}: {' '.join(restored)}")
         other = sorted(r.parent.name for r in records.glob("*/backbone.txt") if r.read_text().strip() != backbone)
@@ -454,9 +470,9 @@ def main(argv: list[str] | None = None) -> dict:
         reference = surprise_reference(pretrained_backbone(), test_rows, sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT)
     report = {"plan": asdict(plan), "task_mix": asdict(mix), "test_seed": 10_000, "wall_time_s": time.time() - t0,
               "zero_label_reference": reference, "aggregate": agg, "runs": results}
-    (out / "label_efficiency.json").write_text(json.dumps(report, indent=1, default=str))
-    write_markdown(plan, agg, out / "label_efficiency.md", reference)
-    write_plot(plan, results, out / "label_efficiency.png", reference)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+    write_markdown(plan, agg, out / f"{stem}.md", reference)
+    write_plot(plan, results, out / f"{stem}.png", reference)
     print(json.dumps(agg["headline"], indent=1), flush=True)
     return report
 

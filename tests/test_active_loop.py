@@ -101,24 +101,35 @@ def test_a_rank_that_never_gets_a_trainable_row_joins(ray_local, tmp_path):
 
 
 def test_budget_stop_then_resume(ray_local, tmp_path):
+    """A budget stop, then a rerun with a larger budget resumes: no row trained twice as a new row. With
+    train.replay=1 each new micro-batch is followed by one drawn from the rows trained so far, and that buffer
+    resumes with the checkpoint too."""
     from actprm_ray.model.ensemble_prm import EnsemblePRM
     from actprm_ray.drivers.active import run_active
 
-    first = run_active(_cfg(tmp_path, "budget", "selection.mode=all", "budget.max_labels=24"))
+    def replay_buffer(summary) -> tuple[dict, list[str]]:
+        ckpt = f"{summary['checkpoint']}/.."
+        return (json.loads(open(f"{ckpt}/trainer_state.json").read()),
+                pq.read_table(f"{ckpt}/replay_rank0.parquet").column("id").to_pylist())
+
+    first = run_active(_cfg(tmp_path, "budget", "selection.mode=all", "budget.max_labels=24", "train.replay=1"))
     assert first["outcomes"]["trained"] == 24
     assert first["outcomes"]["not_reached"] == 120 - 24
     assert first["identity_holds"]
     EnsemblePRM.from_pretrained(first["checkpoint"])
-    state = json.loads(open(f"{first['checkpoint']}/../trainer_state.json").read())
-    assert state["step"] == 3
+    state, buffered = replay_buffer(first)
+    assert state["step"] == 6 and state["replayed"] == 3  # 3 new micro-batches of 8, each followed by a replay
+    assert sorted(buffered) == sorted(r["id"] for r in _outcomes(first) if r["outcome"] == oc.TRAINED)
 
-    second = run_active(_cfg(tmp_path, "budget", "selection.mode=all", "budget.max_labels=48"))
+    second = run_active(_cfg(tmp_path, "budget", "selection.mode=all", "budget.max_labels=48", "train.replay=1"))
     rows = _outcomes(second)
     assert second["labels_used_before_resume"] == 24
     assert second["outcomes"]["trained"] == 48 and second["identity_holds"]
-    assert len({r["id"] for r in rows if r["outcome"] == oc.TRAINED}) == 48  # nobody trained twice
-    state = json.loads(open(f"{second['checkpoint']}/../trainer_state.json").read())
-    assert state["step"] == 6  # resumed from step 3, not from scratch
+    trained = [r["id"] for r in rows if r["outcome"] == oc.TRAINED]
+    assert len(set(trained)) == 48  # nobody trained twice as a new row
+    state, buffered = replay_buffer(second)
+    assert state["step"] == 12 and state["replayed"] == 6  # resumed from step 6, not from scratch
+    assert sorted(buffered) == sorted(trained)  # the first run's rows came back with the checkpoint
 
 
 @pytest.mark.extended  # CI budget (one more loop run)

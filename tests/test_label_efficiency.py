@@ -76,7 +76,7 @@ def test_run_records_carry_finished_runs_to_a_fresh_work_dir(tmp_path):
     work, records, fresh = tmp_path / "work", tmp_path / "records", tmp_path / "fresh"
     done = work / "active_s0"
     (done / "kept").mkdir(parents=True)  # checkpoints: not part of a record
-    for name, text in {"done.json": '{"arm": "active"}', "eval.json": "[]", "summary.json": "{}"}.items():
+    for name, text in {"done.json": '{"arm": "active", "replay": 2}', "eval.json": "[]", "summary.json": "{}"}.items():
         (done / name).write_text(text)
     le.save_record(done, records, "abc123")
     assert sorted(p.name for p in (records / "active_s0").iterdir()) == ["backbone.txt", "done.json", "eval.json",
@@ -87,12 +87,16 @@ def test_run_records_carry_finished_runs_to_a_fresh_work_dir(tmp_path):
     (fresh / "random_s0" / "done.json").write_text('{"arm": "random", "here": true}')
     (records / "random_s0").mkdir()  # a record of a run this machine already finished: the local one stays
     for name in ("done.json", "eval.json"):
-        (records / "random_s0" / name).write_text('{"arm": "random"}')
-    assert le.restore_records(records, fresh) == ["active_s0"]
-    assert (fresh / "active_s0" / "done.json").read_text() == '{"arm": "active"}'
+        (records / "random_s0" / name).write_text('{"arm": "random", "replay": 2}')
+    (records / "all_s0").mkdir()  # a record of another recipe (no replay; older records say nothing): stays out
+    for name in ("done.json", "eval.json"):
+        (records / "all_s0" / name).write_text('{"arm": "all"}')
+    assert le.restore_records(records, fresh, replay=2) == ["active_s0"]
+    assert (fresh / "active_s0" / "done.json").read_text() == '{"arm": "active", "replay": 2}'
     assert not (fresh / "active_s0" / "config.yaml").exists()
     assert json.loads((fresh / "random_s0" / "done.json").read_text())["here"] is True
-    assert le.restore_records(records, fresh) == []  # nothing left to restore
+    assert le.restore_records(records, fresh, replay=2) == []  # nothing left to restore
+    assert le.restore_records(records, tmp_path / "no_replay", replay=0) == ["all_s0"]
 
 
 def test_quick_run_writes_finite_monotone_outputs(ray_local, tmp_path):

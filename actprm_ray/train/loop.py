@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -46,17 +49,23 @@ class Worker:
         dtype = getattr(torch, cfg.model.dtype)
         attn = cfg.model.attn_implementation
 
-        self.state = {"step": 0, "version": 0, "rows_trained": 0, "empty_steps": 0, "flushes": 0}
+        self.state = {"step": 0, "version": 0, "rows_trained": 0, "empty_steps": 0, "flushes": 0, "replayed": 0}
+        # The rows this rank has trained on, with the labels it trained them on: what train.replay draws from.
+        # Saved with each checkpoint, so a restored group replays exactly the rows its weights have seen.
+        self.replay_rows: list[dict] = []
         checkpoint = ray.train.get_checkpoint()
         self.restored = checkpoint is not None
         optim_state = None
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 self.model = self._load_model(Path(d) / "model", dtype, attn)
-                self.state = json.loads((Path(d) / "trainer_state.json").read_text())
+                self.state = {**self.state, **json.loads((Path(d) / "trainer_state.json").read_text())}
                 optim_path = Path(d) / f"optim_rank{self.rank}.pt"
                 if optim_path.exists():
                     optim_state = torch.load(optim_path, weights_only=True)  # tensors only, no pickle code
+                replay_path = Path(d) / f"replay_rank{self.rank}.parquet"
+                if replay_path.exists():
+                    self.replay_rows = pq.read_table(replay_path).to_pylist()
         else:
             self.model = self._load_model(run_dir / "init", dtype, attn)
         self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
@@ -170,6 +179,9 @@ class Worker:
             # Each rank's own optimizer state (its shard under FSDP), restored by the same rank on resume.
             torch.save({"optimizer": sharding.local_optimizer_state(self.optimizer),
                         "scheduler": self.scheduler.state_dict()}, Path(tmp) / f"optim_rank{self.rank}.pt")
+            if self.cfg.train.replay:
+                pq.write_table(pa.Table.from_pylist(self.replay_rows, schema=REPLAY_SCHEMA),
+                               Path(tmp) / f"replay_rank{self.rank}.parquet")
             self.report(final, checkpoint=Checkpoint.from_directory(tmp))
 
     def after_optimizer_step(self) -> None:
@@ -258,9 +270,36 @@ class Worker:
             if selected:
                 self.record(r, oc.TRAINED)
                 self.state["rows_trained"] += 1
+                if self.cfg.train.replay:
+                    self.replay_rows.append(replay_row(r, self.cfg.selection.inline))
             else:
                 self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)",
                             pseudo_label_correct=pseudo_correct)
+
+
+    def replay_step(self) -> None:
+        """One micro-batch drawn from the rows trained so far (without replacement within it); no outcomes, the rows
+        have theirs. A rank with none yet joins with a dummy row, so every rank runs the same micro-steps. The draw
+        is seeded by (run seed, rank, draws so far): a restored worker draws what the lost one would have."""
+        size = self.cfg.train.micro_batch_size
+        rng = random.Random(f"{self.cfg.run.seed}:{self.rank}:{self.state['replayed']}")
+        rows = rng.sample(self.replay_rows, min(size, len(self.replay_rows))) or [_dummy_row(self.core)]
+        self.state["replayed"] += 1
+        micro_step(self.model, self.core, rows, self.cfg, self.device, loss_scale=1 / self.cfg.train.grad_accum,
+                   replayed=True)
+
+
+REPLAY_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int64())),
+                          ("readout_positions", pa.list_(pa.int64())), ("hard_labels", pa.list_(pa.int64()))])
+
+
+def replay_row(row: dict, inline: bool) -> dict:
+    """What replay needs of a trained row: its tokens and the labels it was trained on (inline: the oracle's)."""
+    m = len(row["readout_positions"])
+    labels = (inline_labels(int(row["oracle_first_error_step"]), m) if inline else
+              [int(y) for y in row["hard_labels"]])
+    return {"id": str(row["id"]), "input_ids": [int(t) for t in row["input_ids"]],
+            "readout_positions": [int(p) for p in row["readout_positions"]], "hard_labels": labels}
 
 
 def oracle_agrees(row: dict) -> int:
@@ -361,15 +400,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     w.sync_version()
     micro = 0
     while (rows := rows_in.next_micro_batch()) is not None:
-        started = time.perf_counter()
-        w.step(rows)
-        micro += 1
-        boundary = micro % t.grad_accum == 0
-        if boundary:
-            w.grad_norm = optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
-        w.busy_s += time.perf_counter() - started
-        if boundary:
-            w.after_optimizer_step()
+        # The new rows, then train.replay micro-batches of rows already trained: the same count on every rank.
+        for replayed in [False] + [True] * t.replay:
+            started = time.perf_counter()
+            if replayed:
+                w.replay_step()
+            else:
+                w.step(rows)
+            micro += 1
+            boundary = micro % t.grad_accum == 0
+            if boundary:
+                w.grad_norm = optimizer_step(w.model, w.optimizer, w.scheduler, t.grad_clip)
+            w.busy_s += time.perf_counter() - started
+            if boundary:
+                w.after_optimizer_step()
     # Rows already pulled but not trained (budget stop) stay without outcome: the driver marks them not_reached.
     w.write_stats()
     w.checkpoint(final=True)

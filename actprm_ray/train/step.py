@@ -67,13 +67,15 @@ class MicroStep:
 
 
 def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg: Config,
-               device: torch.device | str = "cpu", loss_scale: float = 1.0) -> MicroStep:
-    """Forward, select (inline only), loss, backward (scaled by loss_scale, e.g. 1 / grad_accum)."""
+               device: torch.device | str = "cpu", loss_scale: float = 1.0, replayed: bool = False) -> MicroStep:
+    """Forward, select (inline only), loss, backward (scaled by loss_scale, e.g. 1 / grad_accum). Replayed rows
+    were selected once already and carry the labels they were trained on: every one is trained again."""
     sel = cfg.selection
+    inline = sel.inline and not replayed
     batch_rows = []
     for r in rows:
         labels = list(r["hard_labels"]) if len(r.get("hard_labels", [])) else None
-        if sel.inline:
+        if inline:
             labels = inline_labels(int(r["oracle_first_error_step"]), len(r["readout_positions"]))
         ids, pos = truncate_to_labels(r["input_ids"], r["readout_positions"], labels)
         batch_rows.append({"input_ids": ids, "readout_positions": pos, "labels": labels})
@@ -84,13 +86,13 @@ def micro_step(model: torch.nn.Module, core: EnsemblePRM, rows: list[dict], cfg:
     logits = model(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
     selected = torch.ones(len(rows), dtype=torch.bool, device=device)
     pseudo_correct = [-1] * len(rows)
-    if sel.inline:
+    if inline:
         with torch.no_grad():
             mu, sigma = mean_and_std(logits.detach(), core.config.unbiased_std)
     for b, r in enumerate(rows):
         if r.get("_dummy"):
             selected[b] = False
-        elif sel.inline:  # a paid (judge) label is always trained; only inline selection decides here
+        elif inline:  # a paid (judge) label is always trained; only inline selection decides here
             m, s = mu[step_row == b].tolist(), sigma[step_row == b].tolist()
             uncertain = is_uncertain(m, s, delta_pred=sel.delta_pred, delta_std=sel.delta_std,
                                      step_threshold=sel.step_threshold)
