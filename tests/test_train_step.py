@@ -16,14 +16,20 @@ from actprm_ray.select import pseudo_labels
 from actprm_ray.train.step import inline_labels, micro_step
 
 
-def test_inline_trusted_rows_carry_their_pseudo_label_check(tiny_backbone_dir, tmp_path):
-    init = EnsemblePRM.from_backbone(tiny_backbone_dir, PRMConfig(n_heads=4, init_seed=0)).save_pretrained(
+def _model_and_rows(backbone_dir, tmp_path) -> tuple[EnsemblePRM, list[dict]]:
+    """A fresh 4-head PRM and 8 synthetic rows canonicalised as the loop's stage does (oracle labels included)."""
+    init = EnsemblePRM.from_backbone(backbone_dir, PRMConfig(n_heads=4, init_seed=0)).save_pretrained(
         tmp_path / "init")
     model = EnsemblePRM.from_pretrained(init)
     pool = generate_pool(8, seed=1)
     batch = CanonicalizeStage(str(init), sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=512)(
         {k: np.asarray([r[k] for r in pool], dtype=object) for k in ("id", "question", "steps", "first_error_step")})
     rows = [{k: batch[k][i] for k in batch} for i in range(len(pool))]
+    return model, rows
+
+
+def test_inline_trusted_rows_carry_their_pseudo_label_check(tiny_backbone_dir, tmp_path):
+    model, rows = _model_and_rows(tiny_backbone_dir, tmp_path)
     # δ_pred 0.5 and δ_std inf switch both tests off: every row is trusted, none trained.
     cfg = load_config(None, ["selection.inline=true", "selection.delta_pred=0.5", "selection.delta_std=.inf"])
     result = micro_step(model, model, rows, cfg)
@@ -49,13 +55,7 @@ def test_replayed_rows_are_all_trained_on_the_labels_they_carry(tiny_backbone_di
     ensemble now thinks, on the labels stored with it (train/loop.replay_row), not re-derived."""
     from actprm_ray.train.loop import replay_row
 
-    init = EnsemblePRM.from_backbone(tiny_backbone_dir, PRMConfig(n_heads=4, init_seed=0)).save_pretrained(
-        tmp_path / "init")
-    model = EnsemblePRM.from_pretrained(init)
-    pool = generate_pool(8, seed=1)
-    batch = CanonicalizeStage(str(init), sep=DEFAULT_SEP, system_prompt=DEFAULT_SYSTEM_PROMPT, max_length=512)(
-        {k: np.asarray([r[k] for r in pool], dtype=object) for k in ("id", "question", "steps", "first_error_step")})
-    rows = [{k: batch[k][i] for k in batch} for i in range(len(pool))]
+    model, rows = _model_and_rows(tiny_backbone_dir, tmp_path)
     stored = [replay_row(r, inline=True) for r in rows]
     assert [s["hard_labels"] for s in stored] == [
         inline_labels(int(r["oracle_first_error_step"]), len(r["readout_positions"])) for r in rows]
