@@ -67,10 +67,11 @@ def fresh_model(backbone: str, cfg: Config) -> EnsemblePRM:
 
 
 def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list[dict]], *, eval_every: int,
-             ablation: str = "both", passes: int = 1, replay: int = 0, log=print) -> dict:
+             ablation: str = "both", passes: int = 1, log=print) -> dict:
     """Run one arm over the pool; evaluate every `eval_every` labels. passes > 1 re-trains each full labelled
-    micro-batch that many times in a row; replay > 0 follows each new micro-batch with that many micro-batches
-    drawn from every row labelled so far (labels, not compute, are what the experiment counts)."""
+    micro-batch that many times in a row; train.replay > 0 follows each new micro-batch with that many
+    micro-batches drawn from every row labelled so far, as the streaming trainer does (labels, not compute, are
+    what the experiment counts)."""
     torch.manual_seed(cfg.run.seed)
     model = fresh_model(backbone, cfg)
     encoded = encode_rows(model.tokenizer, pool, cfg)
@@ -120,7 +121,7 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
         while len(buffer) >= t.micro_batch_size:
             rows, buffer = buffer[:t.micro_batch_size], buffer[t.micro_batch_size:]
             labelled.extend(rows)
-            replayed = [replay_rng.sample(labelled, t.micro_batch_size) for _ in range(replay)]
+            replayed = [replay_rng.sample(labelled, t.micro_batch_size) for _ in range(t.replay)]
             for micro_batch in [rows] * passes + replayed:
                 micro_step(model, model, micro_batch, cfg)
                 optimizer_step(model, optimizer, scheduler, t.grad_clip)
@@ -173,7 +174,7 @@ def _grid_task(task: dict) -> str:
     # The grid reports; recipe choices were made on the validation split (single runs, --split val) before it.
     evals = {"test": generate_pool(task["eval_rows"], seed=TEST_SEED, mix=mix)}
     result = simulate(cfg, task["backbone"], pool, evals, eval_every=task["eval_every"], ablation=task["ablation"],
-                      passes=task["passes"], replay=task["replay"], log=lambda line: None)
+                      passes=task["passes"], log=lambda line: None)
     result.update(arm=task["arm"], seed=task["seed"], overrides=task["overrides"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -196,7 +197,7 @@ def run_grid(args, recipe: list[str]) -> dict:
                     overrides=[f"run.seed={seed}", f"model.init_seed={seed}", f"selection.seed={seed}", *recipe,
                                *overrides, *extra],
                     backbone=args.backbone, mix=args.mix, pool_rows=args.pool_rows, eval_rows=args.eval_rows,
-                    eval_every=args.eval_every, passes=args.passes, replay=args.replay,
+                    eval_every=args.eval_every, passes=args.passes,
                     threads=args.threads)
 
     def load(arm, seed):
@@ -329,8 +330,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mix", default="addsub")
     ap.add_argument("--ablation", default="both")
     ap.add_argument("--passes", type=int, default=1, help="train each labelled micro-batch this many times in a row")
-    ap.add_argument("--replay", type=int, default=0, help="after each labelled micro-batch, this many more drawn "
-                    "from every row labelled so far")
     ap.add_argument("--out", default="")
     ap.add_argument("--grid", action="store_true", help="run every arm x --seeds (resumable) and aggregate")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -360,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.split == "val+test":
         evals["test"] = generate_pool(args.eval_rows, seed=TEST_SEED, mix=mix)
     result = simulate(cfg, args.backbone, pool, evals, eval_every=args.eval_every, ablation=args.ablation,
-                      passes=args.passes, replay=args.replay)
+                      passes=args.passes)
     result["args"] = {**vars(args), "overrides": overrides}
     print(json.dumps({"final": result["final"], "label_rate": result["label_rate"],
                       "trusted_accuracy": result["trusted_accuracy"], "seconds": round(result["seconds"], 1)}))

@@ -22,20 +22,22 @@ def test_f1_at_and_labels_to_reach_are_step_functions():
     assert ps.labels_to_reach(pts, 0.55, "test") == 500 and ps.labels_to_reach(pts, 0.7, "test") is None
 
 
-@pytest.mark.parametrize("mode", ["all", "active", "random"])
-def test_one_tiny_run_counts_labels_and_trust(tiny_backbone_dir, mode):
+@pytest.mark.parametrize("mode,replay", [("all", 0), ("active", 0), ("random", 0), ("all", 2)])
+def test_one_tiny_run_counts_labels_and_trust(tiny_backbone_dir, mode, replay):
     from actprm_ray.config import DEFAULT_CONFIG, load_config
     from actprm_ray.data.synthetic import MIXES, generate_pool
 
     cfg = load_config(DEFAULT_CONFIG, ["model.n_heads=2", "train.micro_batch_size=4", "train.total_steps=8",
-                                       "train.warmup_steps=1", f"selection.mode={mode}", "selection.random_rate=0.5"])
+                                       "train.warmup_steps=1", f"selection.mode={mode}", "selection.random_rate=0.5",
+                                       f"train.replay={replay}"])
     pool = generate_pool(24, seed=3, mix=MIXES["addsub"])
     out = ps.simulate(cfg, str(tiny_backbone_dir), pool, {"val": generate_pool(8, seed=4, mix=MIXES["addsub"])},
                       eval_every=8, log=lambda line: None)
     labels = out["final"]["labels"]
     assert [p["labels"] for p in out["points"]] == sorted(p["labels"] for p in out["points"])
     assert out["points"][-1]["labels"] == labels and 0.0 <= out["final"]["val"] <= 1.0
-    assert out["final"]["steps"] == labels // 4  # trained in full micro-batches only
+    # trained in full micro-batches only, each new one followed by `replay` drawn from the labelled rows
+    assert out["final"]["steps"] == labels // 4 * (1 + replay)
     if mode == "all":
         assert labels == 24 and out["trusted"] == 0
     elif mode == "active":
