@@ -80,6 +80,7 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
     print(f"max scorer lead over trainer: {max(leads)} rows; versions seen by scorers: {sorted(versions)[:10]}")
 
 
+@pytest.mark.extended  # CI budget (91 s): CI runs two DDP ranks in test_fsdp.py, over even shards
 def test_two_workers_odd_rows_none_dropped(ray_local, tmp_path):
     from actprm_ray.drivers.active import run_active
 
