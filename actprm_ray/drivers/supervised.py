@@ -162,9 +162,8 @@ def run_supervised(cfg: Config, init_checkpoint: str | None = None) -> dict:
 
 def fit_schedule(t: TrainConfig, rows: int) -> None:
     """train.total_steps: one epoch over the set when not given (it sets the LR schedule; replayed micro-batches
-    are steps too); and no publishes
-    but the loop's one at start-up: nothing scores with published weights here, and a publish writes the whole
-    model (~15 GB at 7B)."""
+    are steps too); and no publishes but the loop's one at start-up: nothing scores with published weights here,
+    and a publish writes the whole model (~15 GB at 7B)."""
     if t.total_steps is None:
         t.total_steps = max(1, math.ceil(rows * (1 + t.replay) / (t.micro_batch_size * t.grad_accum * t.num_workers)))
     t.publish_every = max(t.publish_every, t.total_steps + 1)
