@@ -27,17 +27,21 @@ def _outcomes(summary):
     return pq.read_table(f"{summary['run_dir']}/outcomes.parquet").to_pylist()
 
 
-def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, tmp_path):
+def test_end_to_end_accounting_checkpoint_backpressure_versions_controller_and_audits(ray_local, tmp_path):
     """One active run (one run keeps CI inside its budget) with a slow trainer: one outcome per row, a loadable
     final checkpoint, per-step metrics; the scorer may not run ahead of the trainer by more than the configured
-    bound, and rows scored after a publish carry the new version."""
+    bound, and rows scored after a publish carry the new version. Selection by selection.target_rate: one
+    controller in the coordinator serves every select task; audited rows are labelled, trained and recorded with
+    their pseudo-label checked against the judge (here the oracle)."""
     from actprm_ray.model.ensemble_prm import EnsemblePRM
     from actprm_ray.drivers.active import run_active
     from actprm_ray.pipeline.coordinator import coordinator_name
 
     n = 400
     cfg = _cfg(tmp_path, "e2e", f"data.synthetic_rows={n}", "train.step_delay_s=0.05",
-               "pipeline.object_store_limit_mb=1", "pipeline.block_size_kb=16")
+               "pipeline.object_store_limit_mb=1", "pipeline.block_size_kb=16",
+               "selection.target_rate=0.3", "selection.audit_rate=0.25", "selection.controller_window=32",
+               "selection.accuracy_floor=0.0")  # an untrained model would (rightly) trip the guard
     leads, done = [], threading.Event()
 
     def watch():
@@ -78,6 +82,18 @@ def test_end_to_end_accounting_checkpoint_backpressure_and_versions(ray_local, t
     versions = {r["model_version"] for r in rows}
     assert summary["model_versions_published"] >= 1 and max(versions) >= 1, "no row was scored with published weights"
     print(f"max scorer lead over trainer: {max(leads)} rows; versions seen by scorers: {sorted(versions)[:10]}")
+    # The controller: every row scored went through the one controller, and every row it chose was labelled.
+    audit, controller = summary["audit"], summary["audit"]["controller"]
+    assert controller["seen"] == n and controller["labelled"] == summary["labels_used"]
+    assert 0.2 <= summary["label_rate"] <= 0.45, summary["label_rate"]  # fixed thresholds label ~all of them
+    audited = [r for r in rows if r["audited"]]
+    assert audit["audited_rows"] == len(audited) > 0
+    assert all(r["outcome"] == oc.TRAINED and r["audit_correct"] in (0, 1) for r in audited)
+    # The oracle is the judge here, so the audit and its check must agree row by row.
+    assert all(r["audit_correct"] == r["pseudo_label_correct"] for r in audited)
+    assert audit["accuracy_vs_judge"] == audit["accuracy_vs_oracle"]
+    low, high = audit["accuracy_vs_judge_95"]
+    assert low <= audit["accuracy_vs_judge"] <= high
 
 
 @pytest.mark.extended  # CI budget (91 s): CI runs two DDP ranks in test_fsdp.py, over even shards
@@ -142,25 +158,3 @@ def test_inline_selection_mode(ray_local, tmp_path):
     assert summary["outcomes"]["trained"] + summary["outcomes"]["confident"] == 64
 
 
-def test_controller_and_audits_in_the_streaming_loop(ray_local, tmp_path):
-    """selection.target_rate: one controller in the coordinator serves every select task; audited rows are
-    labelled, trained and recorded with their pseudo-label checked against the judge (here the oracle)."""
-    from actprm_ray.drivers.active import run_active
-
-    summary = run_active(_cfg(tmp_path, "controlled", "data.synthetic_rows=160", "selection.target_rate=0.3",
-                              "selection.audit_rate=0.25", "selection.controller_window=32",
-                              "selection.accuracy_floor=0.0"))  # an untrained model would (rightly) trip the guard
-    assert summary["identity_holds"]
-    audit, controller = summary["audit"], summary["audit"]["controller"]
-    # Every row scored went through the one controller, and every row it chose was labelled.
-    assert controller["seen"] == 160 and controller["labelled"] == summary["labels_used"]
-    assert 0.2 <= summary["label_rate"] <= 0.45, summary["label_rate"]  # fixed thresholds label ~all of them
-    rows = _outcomes(summary)
-    audited = [r for r in rows if r["audited"]]
-    assert audit["audited_rows"] == len(audited) > 0
-    assert all(r["outcome"] == oc.TRAINED and r["audit_correct"] in (0, 1) for r in audited)
-    # The oracle is the judge here, so the audit and its check must agree row by row.
-    assert all(r["audit_correct"] == r["pseudo_label_correct"] for r in audited)
-    assert audit["accuracy_vs_judge"] == audit["accuracy_vs_oracle"]
-    low, high = audit["accuracy_vs_judge_95"]
-    assert low <= audit["accuracy_vs_judge"] <= high
