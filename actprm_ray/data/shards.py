@@ -360,5 +360,16 @@ def read_pool_rows(index: PoolIndex, *, num_cpus: float, columns: tuple[str, ...
 
     retry = {} if max_retries is None else {"max_retries": max_retries}
     ds = ray.data.from_items([asdict(c) for c in index.chunks], override_num_blocks=max(1, len(index.chunks)))
-    return ds.map_batches(read_chunk, batch_size=None, batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=False,
-                          fn_kwargs={"columns": columns, "duplicates": index.duplicates}, **retry)
+    return map_batches(ds, read_chunk, batch_size=None, batch_format="numpy", num_cpus=num_cpus, zero_copy_batch=False,
+                       fn_kwargs={"columns": columns, "duplicates": index.duplicates}, **retry)
+
+
+def map_batches(ds, fn, **kwargs):
+    """`ds.map_batches(fn, **kwargs)` without Ray 2.60's `ray_remote_args` deprecation warning: the run's fault
+    settings (max_retries, max_restarts, max_task_retries) have no named parameter yet, so they still go as remote
+    args, and the warning would print once per stage on every run. Ray is pinned; recheck on an upgrade."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from actprm_ray.config import Config
+from actprm_ray.data.shards import map_batches
 from actprm_ray.label.base import OracleLabeler
 from actprm_ray.pipeline.stages import CanonicalizeStage, LabelStage, ScoreStage, SelectStage, arrow_lists
 
@@ -48,7 +49,7 @@ class StageSpec:
             kwargs["fn_constructor_kwargs"] = self.constructor_kwargs
         if self.fn_kwargs:
             kwargs["fn_kwargs"] = self.fn_kwargs
-        return ds.map_batches(self.fn, **kwargs)
+        return map_batches(ds, self.fn, **kwargs)
 
 
 @dataclass
