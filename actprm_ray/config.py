@@ -96,9 +96,10 @@ class TrainConfig:
     micro_batch_size: int = 8  # rows per device per forward
     grad_accum: int = 1  # micro-batches per optimizer step (global batch = workers x micro x accum)
     # Labels, not compute, are the judge bill: replaying the labels already paid for is what took the tiny backbone
-    # off its "every step correct" plateau (docs/RESULTS.md, recipe probes round 3). Each rank keeps its trained
-    # rows' token ids in memory and in every checkpoint (0.9 MB of Parquet for 8,020 tiny-task rows): it grows.
+    # off its "every step correct" plateau (docs/RESULTS.md, recipe probes round 3). Each rank keeps its buffer's
+    # token ids in memory and in every checkpoint (0.9 MB of Parquet for 8,020 tiny-task rows; train/replay.py).
     replay: int = 0  # after each micro-batch of new labelled rows, this many drawn from the rows trained so far (0 = each row once)
+    replay_buffer_rows: int = 10_000  # per rank: every trained row until full, then a uniform sample of them (bounds memory and checkpoints)
     num_workers: int = 1  # Ray Train workers
     parallel_strategy: str = "ddp"  # ddp (Ray Train's prepare_model) | fsdp (FSDP2 per decoder layer, heads replicated; shards params/grads/optimizer for 7B+; CPU or GPU)
     use_gpu: bool = False
@@ -470,6 +471,8 @@ def validate(cfg: Config) -> Config:
             errors.append(f"train.{name}={getattr(t, name)}: must be >= 1")
     if t.replay < 0:
         errors.append(f"train.replay={t.replay}: must be >= 0 (0 = every labelled row is trained once)")
+    if t.replay_buffer_rows < 1:
+        errors.append(f"train.replay_buffer_rows={t.replay_buffer_rows}: must be >= 1")
     if t.use_gpu and t.gpus_per_worker <= 0:
         errors.append("train.use_gpu=true needs train.gpus_per_worker > 0")
     if cfg.labeler.kind in ("vllm", "http") and not (cfg.labeler.judge.model and cfg.labeler.judge.judge_id):

@@ -52,12 +52,12 @@ def test_inline_trusted_rows_carry_their_pseudo_label_check(tiny_backbone_dir, t
 
 def test_replayed_rows_are_all_trained_on_the_labels_they_carry(tiny_backbone_dir, tmp_path):
     """train.replay: a replayed row was selected once; under inline selection it is trained again whatever the
-    ensemble now thinks, on the labels stored with it (train/loop.replay_row), not re-derived."""
-    from actprm_ray.train.loop import replay_row
+    ensemble now thinks, on the labels stored with it (train/replay.replay_row), not re-derived."""
+    from actprm_ray.train.replay import replay_row
 
     model, rows = _model_and_rows(tiny_backbone_dir, tmp_path)
     stored = [replay_row(r, inline=True) for r in rows]
-    assert [s["hard_labels"] for s in stored] == [
+    assert [list(s["hard_labels"]) for s in stored] == [
         inline_labels(int(r["oracle_first_error_step"]), len(r["readout_positions"])) for r in rows]
     assert any(0 in s["hard_labels"] for s in stored)  # some rows carry an error label
 

@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -27,6 +24,7 @@ from actprm_ray.model.ensemble_prm import EnsemblePRM
 from actprm_ray.pipeline import outcomes as oc
 from actprm_ray.select import pseudo_labels
 from actprm_ray.train import sharding
+from actprm_ray.train.replay import ReplayBuffer, replay_row
 from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -50,9 +48,9 @@ class Worker:
         attn = cfg.model.attn_implementation
 
         self.state = {"step": 0, "version": 0, "rows_trained": 0, "empty_steps": 0, "flushes": 0, "replayed": 0}
-        # The rows this rank has trained on, with the labels it trained them on: what train.replay draws from.
-        # Saved with each checkpoint, so a restored group replays exactly the rows its weights have seen.
-        self.replay_rows: list[dict] = []
+        # What train.replay draws from; saved with each checkpoint, so a restored group replays what it would have.
+        capacity, seed = cfg.train.replay_buffer_rows, cfg.run.seed
+        self.replay = ReplayBuffer(capacity, seed, self.rank)
         checkpoint = ray.train.get_checkpoint()
         self.restored = checkpoint is not None
         optim_state = None
@@ -63,9 +61,7 @@ class Worker:
                 optim_path = Path(d) / f"optim_rank{self.rank}.pt"
                 if optim_path.exists():
                     optim_state = torch.load(optim_path, weights_only=True)  # tensors only, no pickle code
-                replay_path = Path(d) / f"replay_rank{self.rank}.parquet"
-                if replay_path.exists():
-                    self.replay_rows = pq.read_table(replay_path).to_pylist()
+                self.replay = ReplayBuffer.load(Path(d) / f"replay_rank{self.rank}.parquet", capacity, seed, self.rank)
         else:
             self.model = self._load_model(run_dir / "init", dtype, attn)
         self.core: EnsemblePRM = self.model.module if hasattr(self.model, "module") else self.model
@@ -180,8 +176,7 @@ class Worker:
             torch.save({"optimizer": sharding.local_optimizer_state(self.optimizer),
                         "scheduler": self.scheduler.state_dict()}, Path(tmp) / f"optim_rank{self.rank}.pt")
             if self.cfg.train.replay:
-                pq.write_table(pa.Table.from_pylist(self.replay_rows, schema=REPLAY_SCHEMA),
-                               Path(tmp) / f"replay_rank{self.rank}.parquet")
+                self.replay.save(Path(tmp) / f"replay_rank{self.rank}.parquet")
             self.report(final, checkpoint=Checkpoint.from_directory(tmp))
 
     def after_optimizer_step(self) -> None:
@@ -271,35 +266,19 @@ class Worker:
                 self.record(r, oc.TRAINED)
                 self.state["rows_trained"] += 1
                 if self.cfg.train.replay:
-                    self.replay_rows.append(replay_row(r, self.cfg.selection.inline))
+                    self.replay.add(replay_row(r, self.cfg.selection.inline))
             else:
                 self.record(r, oc.CONFIDENT, "trusted by the ensemble (inline selection)",
                             pseudo_label_correct=pseudo_correct)
 
 
     def replay_step(self) -> None:
-        """One micro-batch drawn from the rows trained so far (without replacement within it); no outcomes, the rows
-        have theirs. A rank with none yet joins with a dummy row, so every rank runs the same micro-steps. The draw
-        is seeded by (run seed, rank, draws so far): a restored worker draws what the lost one would have."""
-        size = self.cfg.train.micro_batch_size
-        rng = random.Random(f"{self.cfg.run.seed}:{self.rank}:{self.state['replayed']}")
-        rows = rng.sample(self.replay_rows, min(size, len(self.replay_rows))) or [_dummy_row(self.core)]
+        """One micro-batch drawn from the replay buffer (train/replay.py); no outcomes, the rows have theirs. A rank
+        with none yet joins with a dummy row, so every rank runs the same micro-steps."""
+        rows = self.replay.draw(self.cfg.train.micro_batch_size, self.state["replayed"]) or [_dummy_row(self.core)]
         self.state["replayed"] += 1
         micro_step(self.model, self.core, rows, self.cfg, self.device, loss_scale=1 / self.cfg.train.grad_accum,
                    replayed=True)
-
-
-REPLAY_SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int64())),
-                          ("readout_positions", pa.list_(pa.int64())), ("hard_labels", pa.list_(pa.int64()))])
-
-
-def replay_row(row: dict, inline: bool) -> dict:
-    """What replay needs of a trained row: its tokens and the labels it was trained on (inline: the oracle's)."""
-    m = len(row["readout_positions"])
-    labels = (inline_labels(int(row["oracle_first_error_step"]), m) if inline else
-              [int(y) for y in row["hard_labels"]])
-    return {"id": str(row["id"]), "input_ids": [int(t) for t in row["input_ids"]],
-            "readout_positions": [int(p) for p in row["readout_positions"]], "hard_labels": labels}
 
 
 def oracle_agrees(row: dict) -> int:
