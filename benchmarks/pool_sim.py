@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig  # noqa: E402
 from actprm_ray.model.scoring import score_encoded  # noqa: E402
 from actprm_ray.pipeline.stages import SelectStage  # noqa: E402
 from actprm_ray.select import RateController, ablation_thresholds, pseudo_labels, wilson_interval  # noqa: E402
+from actprm_ray.train.replay import ReplayBuffer, replay_row  # noqa: E402
 from actprm_ray.train.step import build_optimizer, inline_labels, micro_step, optimizer_step  # noqa: E402
 
 VALIDATION_SEED = 20_000  # recipe choices are made on this split; the test split is only reported
@@ -70,8 +70,8 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
              ablation: str = "both", passes: int = 1, log=print) -> dict:
     """Run one arm over the pool; evaluate every `eval_every` labels. passes > 1 re-trains each full labelled
     micro-batch that many times in a row; train.replay > 0 follows each new micro-batch with that many
-    micro-batches drawn from every row labelled so far, as the streaming trainer does (labels, not compute, are
-    what the experiment counts)."""
+    micro-batches drawn from the rows labelled so far by the streaming trainer's replay buffer (labels, not compute,
+    are what the experiment counts)."""
     torch.manual_seed(cfg.run.seed)
     model = fresh_model(backbone, cfg)
     encoded = encode_rows(model.tokenizer, pool, cfg)
@@ -83,10 +83,9 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
                                  min_audits=sel.min_audits) if sel.target_rate is not None else None)
     select = SelectStage(mode=sel.mode, step_threshold=sel.step_threshold, random_rate=sel.random_rate, seed=sel.seed,
                          audit_rate=sel.audit_rate, controller=controller, **thresholds)
-    labels = steps = trusted = trusted_right = audited = audit_right = 0
+    labels = steps = trusted = trusted_right = audited = audit_right = draws = 0
     buffer: list[dict] = []
-    labelled: list[dict] = []  # every row labelled so far: what replay draws from
-    replay_rng = random.Random(cfg.run.seed)
+    replay = ReplayBuffer(t.replay_buffer_rows, seed=cfg.run.seed, rank=0)
     points = [{"labels": 0, "steps": 0, **{k: evaluate(model, v)["f1"] for k, v in eval_enc.items()}}]
     rates: list[dict] = []  # the label rate as the pool streams by (the controller's trace)
     next_eval, t0 = eval_every, time.time()
@@ -120,8 +119,12 @@ def simulate(cfg: Config, backbone: str, pool: list[dict], evals: dict[str, list
                           "guarded": bool(controller.guarded) if controller else False})
         while len(buffer) >= t.micro_batch_size:
             rows, buffer = buffer[:t.micro_batch_size], buffer[t.micro_batch_size:]
-            labelled.extend(rows)
-            replayed = [replay_rng.sample(labelled, t.micro_batch_size) for _ in range(t.replay)]
+            for r in rows:
+                replay.add(replay_row(r, inline=False))
+            replayed = []
+            for _ in range(t.replay):
+                replayed.append(replay.draw(t.micro_batch_size, draws))
+                draws += 1
             for micro_batch in [rows] * passes + replayed:
                 micro_step(model, model, micro_batch, cfg)
                 optimizer_step(model, optimizer, scheduler, t.grad_clip)
