@@ -274,9 +274,12 @@ def evaluate_run(run: dict, run_dir: Path, test_rows: list[dict]) -> list[dict]:
 # --- report -------------------------------------------------------------------------------------------------
 def run_stats(run: dict, work: Path) -> dict:
     """What summary.json says about one finished run: trust, pseudo-label accuracy on trusted rows, staleness."""
+    from actprm_ray.tracking import lag_stats
+
     path = work / f"{run['arm']}_s{run['seed']}" / "summary.json"
     s = json.loads(path.read_text()) if path.is_file() else {}
-    return {"trust_pct": s.get("trust_pct", math.nan), "lag_mean": s.get("lag_mean", math.nan),
+    lag = lag_stats(s.get("lag_histogram") or {}).get("mean", math.nan)  # trained rows' scorer staleness
+    return {"trust_pct": s.get("trust_pct", math.nan), "lag_mean": lag,
             "pseudo_label_accuracy": math.nan if s.get("pseudo_label_accuracy") is None else s["pseudo_label_accuracy"]}
 
 

@@ -108,6 +108,8 @@ def test_quick_run_writes_finite_monotone_outputs(ray_local, tmp_path):
     agg = json.loads((out / "label_efficiency.json").read_text())["aggregate"]
     assert agg["budgets"] == sorted(agg["budgets"]) and len(set(agg["budgets"])) == len(agg["budgets"])
     assert set(agg["arms"]) == {"active", "random", "all"}
+    for arm in ("active", "random", "all"):  # the streaming loop's staleness, from each run's lag histogram
+        assert math.isfinite(agg["arms"][arm]["lag_mean"][0]) and agg["arms"][arm]["lag_mean"][0] >= 0, arm
     for arm, runs in report["runs"].items():
         for r in runs:
             labels = [p["labels"] for p in r["points"]]
