@@ -88,6 +88,11 @@ def test_table_entries_match_the_published_parameter_counts():
     qwq_layer = (5120 * 5120 + 5120) + 2 * (5120 * 1024 + 1024) + 5120 * 5120 + 3 * 5120 * 27648 + 2 * 5120
     assert mem.resolve_arch("/models/QwQ-32B").params_causal_lm == 64 * qwq_layer + 2 * 152064 * 5120 + 5120
     assert mem.resolve_arch("smollm2-135m").params_causal_lm == 134_515_008  # tied embeddings counted once
+    # Gemma 3: head_dim 256 is not hidden / heads (640 / 4), and q/k have their own norms; four norms a layer.
+    gemma_layer = 640 * 1024 + 2 * 640 * 256 + 1024 * 640 + 2 * 256 + 3 * 640 * 2048 + 4 * 640
+    gemma = mem.resolve_arch("gemma3-270m")
+    assert gemma.head_dim == 256 and gemma.params_causal_lm == 18 * gemma_layer + 262144 * 640 + 640
+    # = 268,098,176; tests/test_real_models.py checks it against the real model (extended tier).
 
 
 def test_unknown_backbone_fails_with_what_to_do():

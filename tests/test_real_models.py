@@ -337,6 +337,10 @@ def test_gemma3_import_restores_bos_and_the_chat_template(gemma3):
     assert set(state) == set(ref["state"])
     for k, v in ref["state"].items():
         assert torch.equal(state[k], v), k
+    # The dry run's built-in table (model/memory.py) sizes the real model exactly.
+    from actprm_ray.model.memory import resolve_arch
+
+    assert sum(p.numel() for p in model.parameters()) == resolve_arch(GEMMA).params_causal_lm == 268_098_176
 
     assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id == 2
     assert tokenizer("hi", add_special_tokens=False)["input_ids"][0] != 2

