@@ -84,8 +84,9 @@ def gemma3_prm(gemma3):
     return EnsemblePRM.from_backbone(gemma3[1], PRMConfig(n_heads=4, init_seed=0)).eval()
 
 
-# The model-independent checks run on each real decoder: (name, converted fixture, prm fixture, model_type, rows
-# of the resized embedding: the vocabulary + SEP, rounded up to a multiple of 16).
+# The model-independent checks run on each real decoder. Per fixture name: (import name, model_type, rows of the
+# resized embedding: the vocabulary + SEP, rounded up to a multiple of 16). `real_decoder` gives
+# (import name, the converted fixture's (root, dir, ref), the PRM, model_type, rows).
 REAL_DECODERS = {"smollm2": (NAME, "llama", 49168), "gemma3": (GEMMA, "gemma3_text", 262160)}
 
 

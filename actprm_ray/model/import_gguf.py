@@ -131,8 +131,9 @@ def load_gguf(name: str):
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if _gguf_adds_bos(path) and tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
         tokenizer.add_bos_token = True  # saved in tokenizer.json's post-processor
-    if tokenizer.chat_template is None and _source(name).chat_template is not None:
-        tokenizer.chat_template = _source(name).chat_template
+    template = _source(name).chat_template
+    if tokenizer.chat_template is None and template is not None:
+        tokenizer.chat_template = template
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     return tokenizer, model
 
